@@ -1,0 +1,1 @@
+"""Thin entry points for `ray job submit` (training stages, evaluation, data builds)."""

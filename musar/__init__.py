@@ -1,0 +1,1 @@
+"""The MUSAR platform's shared glue: the one configuration system and the ``musar`` CLI."""

@@ -1,0 +1,126 @@
+"""The model-level switches of MUSAR, in one typed object.
+
+Every choice that changes what a trained LoRA means (ranks, target modules, RoPE scheme,
+routing switches) lives here so that checkpoints can record it and refuse a mismatched load.
+Defaults follow the paper (section 4.1) and ``DESIGN.md`` section 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+# Token-wise linears of a FLUX double-stream block, relative to the block (DESIGN.md section 1).
+DOUBLE_BLOCK_LORA_TARGETS: tuple[str, ...] = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+)
+# Token-wise linears of a FLUX single-stream block, relative to the block.
+SINGLE_BLOCK_LORA_TARGETS: tuple[str, ...] = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "proj_mlp",
+    "proj_out",
+)
+
+# Condition image plane k sits on RoPE axis 0 at k + 1 (FLUX.1 Kontext style); the target is plane 0.
+ROPE_SCHEME_PLANE_OFFSET = "plane_offset_v1"
+ROPE_SCHEMES = (ROPE_SCHEME_PLANE_OFFSET,)
+
+
+@dataclass(frozen=True)
+class MusarConfig:
+    """What MUSAR adds to a stock FLUX transformer.
+
+    Ablation switches (paper section 4.4): ``static_routing=False`` lets prompt and conditions,
+    and conditions among themselves, attend to each other; ``shared_lora=True`` puts one LoRA on
+    every token, the prompt included (the "w/o bias mitigation" variant, together with
+    ``static_routing=False``); ``dynamic_routing=False`` lets every target token see every condition.
+    """
+
+    subject_rank: int = 128
+    noise_rank: int = 4
+    # alpha = rank keeps the LoRA scale at 1; the paper gives ranks only.
+    subject_alpha: float | None = None
+    noise_alpha: float | None = None
+    double_block_targets: tuple[str, ...] = DOUBLE_BLOCK_LORA_TARGETS
+    single_block_targets: tuple[str, ...] = SINGLE_BLOCK_LORA_TARGETS
+
+    static_routing: bool = True
+    dynamic_routing: bool = True
+    shared_lora: bool = False
+    # Also block cond[k] -> target, so conditions depend only on themselves (cacheable K/V).
+    isolate_conditions: bool = False
+    # Block indices (0..num_layers+num_single_layers-1, double blocks first) that route
+    # dynamically; None means all of them, as the paper does.
+    dynamic_routing_layers: tuple[int, ...] | None = None
+
+    rope_scheme: str = ROPE_SCHEME_PLANE_OFFSET
+    condition_size: int = 512
+    condition_prompt_max_tokens: int = 64
+    # "routed": block-sparse execution, no dense mask; "reference": explicit boolean mask + SDPA.
+    attention_impl: str = "routed"
+    # diffusers attention-dispatch backend name for the unmasked group calls (None: diffusers' default).
+    attention_backend: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("subject_rank", "noise_rank", "condition_size", "condition_prompt_max_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"MusarConfig.{name} must be a positive integer, got {value!r}")
+        if self.rope_scheme not in ROPE_SCHEMES:
+            raise ValueError(f"MusarConfig.rope_scheme must be one of {ROPE_SCHEMES}, got {self.rope_scheme!r}")
+        if self.attention_impl not in ("routed", "reference"):
+            raise ValueError(f"MusarConfig.attention_impl must be 'routed' or 'reference', got {self.attention_impl!r}")
+        if self.isolate_conditions and not self.static_routing:
+            raise ValueError(
+                "MusarConfig.isolate_conditions=True needs static_routing=True: isolating conditions "
+                "from the target while letting them see the prompt and each other is contradictory"
+            )
+        if self.condition_size % 16:
+            raise ValueError(f"MusarConfig.condition_size must be a multiple of 16, got {self.condition_size}")
+        if self.dynamic_routing_layers is not None:
+            object.__setattr__(self, "dynamic_routing_layers", tuple(int(i) for i in self.dynamic_routing_layers))
+        object.__setattr__(self, "double_block_targets", tuple(self.double_block_targets))
+        object.__setattr__(self, "single_block_targets", tuple(self.single_block_targets))
+
+    @property
+    def subject_scale(self) -> float:
+        return (self.subject_alpha or self.subject_rank) / self.subject_rank
+
+    @property
+    def noise_scale(self) -> float:
+        return (self.noise_alpha or self.noise_rank) / self.noise_rank
+
+    def replace(self, **changes) -> "MusarConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MusarConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown MusarConfig fields: {unknown}")
+        return cls(**data)
+
+
+__all__ = [
+    "DOUBLE_BLOCK_LORA_TARGETS",
+    "SINGLE_BLOCK_LORA_TARGETS",
+    "ROPE_SCHEME_PLANE_OFFSET",
+    "MusarConfig",
+]

@@ -1,0 +1,256 @@
+"""Attention routing: who may attend to whom, and the attention that obeys it.
+
+Read top to bottom:
+
+1. ``RoutingRules.allows`` - static routing (paper 3.2.2) as a relation between the query group
+   and the key group: prompt <-> cond[k] blocked, cond[j] <-> cond[k] (j != k) blocked,
+   cond[k] -> target blocked only with ``isolate_conditions``.
+2. ``affinity_and_routes`` - dynamic routing (paper 3.3, eqs. 2-4): from the layer's own Q and K
+   (after QK-norm and RoPE), S = softmax over prompt tokens of Q_X K_T^T / sqrt(d) per head,
+   averaged over heads; S*[i, k] = mean of S over condition k's phrase span; route(i) = argmax_k.
+   A target token then sees cond[route(i)] and no other condition.
+3. ``routed_attention`` - the fast path: attention is computed only for allowed (query group,
+   key group) pairs by slicing K/V per group and batching the target queries routed to each
+   condition. No (L x L) mask ever exists; unmasked calls go through diffusers' attention dispatch.
+4. ``reference_attention`` - the plain path: one explicit boolean mask and SDPA. Tests compare the
+   fast path with it; nothing else should use it.
+5. ``AttentionRouter`` - per-forward state: computes each layer's routes once, reuses them when
+   gradient checkpointing recomputes the layer, and records routes and S* for visualisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .layout import PROMPT, TARGET, TokenLayout
+
+AttendFn = Callable[..., torch.Tensor]
+
+
+# --- 1. static routing ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RoutingRules:
+    static_routing: bool = True
+    dynamic_routing: bool = True
+    isolate_conditions: bool = False
+
+    def allows(self, query_group: int, key_group: int) -> bool:
+        """May tokens of ``query_group`` attend to tokens of ``key_group``? (groups: layout ids)."""
+        q_is_cond, k_is_cond = query_group >= 2, key_group >= 2
+        if self.isolate_conditions and q_is_cond:
+            return key_group == query_group
+        if not self.static_routing:
+            return True
+        if q_is_cond and k_is_cond:
+            return query_group == key_group  # inter-condition isolation
+        if (query_group == PROMPT and k_is_cond) or (q_is_cond and key_group == PROMPT):
+            return False  # prompt-condition decoupling
+        return True
+
+    def allowed_matrix(self, num_groups: int, device=None) -> torch.Tensor:
+        """(G, G) bool: row = query group, column = key group."""
+        return torch.tensor(
+            [[self.allows(q, k) for k in range(num_groups)] for q in range(num_groups)], dtype=torch.bool, device=device
+        )
+
+
+# --- 2. dynamic routing --------------------------------------------------------------------------
+def affinity_and_routes(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """S* (batch, n, c) and routes (batch, n) from joint-order q, k of shape (batch, L, heads, dim)."""
+    t0, t1 = layout.group_ranges()[TARGET]
+    q_x = q[:, t0:t1].transpose(1, 2)  # (B, H, n, D)
+    k_t = k[:, : layout.prompt_len].transpose(1, 2)  # (B, H, m, D)
+    logits = torch.matmul(q_x, k_t.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    s = logits.float().softmax(dim=-1).mean(dim=1)  # eq. 2, averaged over heads: (B, n, m)
+    affinity = torch.matmul(s, layout.span_weights(s.dtype, s.device))  # eq. 3: (B, n, c)
+    return affinity, affinity.argmax(dim=-1)  # eq. 4's argmax
+
+
+# --- 3. fast path ----------------------------------------------------------------------------------
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[list[int]] = []
+    for s, e in sorted(r for r in ranges if r[1] > r[0]):
+        if merged and merged[-1][1] == s:
+            merged[-1][1] = e
+        else:
+            merged.append([s, e])
+    return [(s, e) for s, e in merged]
+
+
+def _take(x: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    """Rows of ``x`` (dim 1) in ``ranges``; a view when they form one run."""
+    if len(ranges) == 1:
+        return x[:, ranges[0][0] : ranges[0][1]]
+    return torch.cat([x[:, s:e] for s, e in ranges], dim=1)
+
+
+def _key_mask(key_valid: torch.Tensor | None, ranges: list[tuple[int, int]]) -> torch.Tensor | None:
+    """Key-padding mask (B, 1, 1, Lk) for padded condition-prompt tokens; None when nothing is padded."""
+    if key_valid is None:
+        return None
+    return _take(key_valid, ranges)[:, None, None, :]
+
+
+def routed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: TokenLayout,
+    rules: RoutingRules,
+    routes: torch.Tensor | None,
+    attend: AttendFn,
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention over joint-order (B, L, H, D) tensors that computes allowed pairs only.
+
+    Query groups with the same allowed key set share one call. With ``routes`` (B, n), the target
+    queries routed to condition r form one call over [prompt, target, cond[r]] keys: queries are
+    gathered per sample (padded to the batch's largest count; padding rows are discarded), so the
+    cost for the target does not grow with the number of conditions.
+    """
+    ranges = layout.group_ranges()
+    groups = range(layout.num_groups)
+    out: list[torch.Tensor | None] = [None] * layout.num_groups
+
+    by_keys: dict[tuple[int, ...], list[int]] = {}
+    for g in groups:
+        if g == TARGET and routes is not None:
+            continue
+        by_keys.setdefault(tuple(kg for kg in groups if rules.allows(g, kg)), []).append(g)
+    for key_groups, query_groups in by_keys.items():
+        q_ranges = _merge([ranges[g] for g in query_groups])
+        k_ranges = _merge([ranges[g] for g in key_groups])
+        o = attend(_take(q, q_ranges), _take(k, k_ranges), _take(v, k_ranges), attn_mask=_key_mask(key_valid, k_ranges))
+        for g, piece in zip(sorted(query_groups), o.split([ranges[g][1] - ranges[g][0] for g in sorted(query_groups)], 1)):
+            out[g] = piece
+
+    if routes is not None:
+        out[TARGET] = _routed_target_attention(q, k, v, layout, rules, routes, attend, key_valid)
+    return torch.cat(out, dim=1)
+
+
+def _routed_target_attention(q, k, v, layout, rules, routes, attend, key_valid):
+    ranges = layout.group_ranges()
+    t0, t1 = ranges[TARGET]
+    n = t1 - t0
+    shared = [ranges[g] for g in range(2) if rules.allows(TARGET, g)]
+    q_x = q[:, t0:t1]
+    out = torch.zeros_like(q_x)
+    for r in range(layout.num_conditions):
+        chosen = routes == r  # (B, n)
+        count = chosen.sum(dim=1)  # (B,)
+        # Shape-only (meta) execution cannot read counts; it runs every query through each call.
+        width = n if routes.is_meta else int(count.max())
+        if width == 0:
+            continue
+        # Positions routed to r first (stable), then the rest as padding.
+        order = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, :width]
+        index = order[:, :, None, None].expand(-1, -1, q.shape[2], q.shape[3])
+        k_ranges = _merge(shared + [ranges[2 + r]])
+        o = attend(
+            torch.gather(q_x, 1, index), _take(k, k_ranges), _take(v, k_ranges), attn_mask=_key_mask(key_valid, k_ranges)
+        )
+        valid = torch.arange(width, device=q.device)[None, :] < count[:, None]
+        out = out.scatter_add(1, index, o * valid[:, :, None, None].to(o.dtype))
+    return out
+
+
+# --- 4. reference path -----------------------------------------------------------------------------
+def dense_mask(
+    layout: TokenLayout, rules: RoutingRules, routes: torch.Tensor | None, key_valid: torch.Tensor | None, device
+) -> torch.Tensor:
+    """(B or 1, L, L) boolean mask, True = may attend. For tests and the reference path only."""
+    labels = layout.group_labels(device)
+    mask = rules.allowed_matrix(layout.num_groups, device)[labels][:, labels][None]
+    if routes is not None:
+        t0, t1 = layout.group_ranges()[TARGET]
+        key_cond = labels - 2  # condition index of each key; negative for prompt/target keys
+        is_cond_key = (key_cond >= 0)[None, None, :]
+        routed = routes[:, :, None] == key_cond[None, None, :]  # (B, n, L)
+        mask = mask.expand(routes.shape[0], -1, -1).clone()
+        mask[:, t0:t1] &= ~is_cond_key | routed
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, :]
+    return mask
+
+
+def reference_attention(q, k, v, layout, rules, routes, key_valid=None) -> torch.Tensor:
+    mask = dense_mask(layout, rules, routes, key_valid, q.device)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None])
+    return out.transpose(1, 2)
+
+
+# --- 5. per-forward state ----------------------------------------------------------------------------
+def dispatch_attend(backend: str | None = None) -> AttendFn:
+    """Unmasked (or key-padding-masked) group attention through diffusers' attention dispatch."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    def attend(q, k, v, attn_mask=None):
+        if attn_mask is not None:  # key padding of condition prompts: native SDPA takes a broadcast mask
+            return F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
+            ).transpose(1, 2)
+        return dispatch_attention_fn(q, k, v, backend=backend)
+
+    return attend
+
+
+@dataclass
+class RoutingRecord:
+    """Routes (B, n) and affinities S* (B, n, c) per block index, for one forward."""
+
+    routes: dict[int, torch.Tensor] = field(default_factory=dict)
+    affinity: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class AttentionRouter:
+    """Routes one forward pass's attention calls; one instance per forward."""
+
+    def __init__(
+        self,
+        layout: TokenLayout,
+        rules: RoutingRules,
+        *,
+        dynamic_layers: tuple[int, ...] | None = None,
+        impl: str = "routed",
+        attend: AttendFn | None = None,
+        key_valid: torch.Tensor | None = None,
+        record: bool = False,
+    ) -> None:
+        if rules.dynamic_routing and layout.num_conditions >= 2 and layout.phrase_spans is None:
+            raise ValueError(
+                f"dynamic routing with {layout.num_conditions} conditions needs phrase_spans: the (start, length) "
+                "of each condition's phrase in the prompt tokens; pass them, or set dynamic_routing=False"
+            )
+        self.layout, self.rules, self.impl = layout, rules, impl
+        self.dynamic_layers = None if dynamic_layers is None else set(dynamic_layers)
+        self.attend = attend or dispatch_attend()
+        self.key_valid = key_valid
+        self.record = RoutingRecord() if record else None
+        self._routes: dict[int, torch.Tensor] = {}
+
+    def routes_for(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+        """This layer's routes, computed once per forward (a checkpoint recompute reuses them)."""
+        if not self.rules.dynamic_routing or self.layout.num_conditions < 2:
+            return None  # with one condition routing is a no-op
+        if self.dynamic_layers is not None and layer not in self.dynamic_layers:
+            return None
+        if layer not in self._routes:
+            with torch.no_grad():
+                affinity, routes = affinity_and_routes(q.detach(), k.detach(), self.layout)
+            self._routes[layer] = routes
+            if self.record is not None:
+                self.record.routes[layer] = routes
+                self.record.affinity[layer] = affinity
+        return self._routes[layer]
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        routes = self.routes_for(layer, q, k)
+        if self.impl == "reference":
+            return reference_attention(q, k, v, self.layout, self.rules, routes, self.key_valid)
+        return routed_attention(q, k, v, self.layout, self.rules, routes, self.attend, self.key_valid)
