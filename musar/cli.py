@@ -1,57 +1,93 @@
-"""The ``musar`` command. Each subcommand takes ``--config FILE`` plus ``dotted.key=value`` overrides."""
+"""The ``musar`` command and the shared argument handling of every job entry point.
+
+Every command and ``jobs/*.py`` script is a typed config dataclass plus a ``run(config)`` function.
+:func:`job_main` gives each one the same interface: ``--config FILE.yaml``, a ``--flag`` for every
+top-level scalar field (``--min-score 5`` is ``min_score=5``), ``dotted.key=value`` overrides for
+anything nested, and ``--print-config``. Commands are imported lazily so ``musar --help`` stays fast
+and never imports Ray.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
+import json
 import sys
+import typing
+from pathlib import Path
 from typing import Callable
 
 from .config import ConfigError, dump_yaml, load_config
 
-
-def _demo() -> tuple[type, Callable]:
-    from .demo import DemoConfig, run_demo
-
-    return DemoConfig, run_demo
-
-
-# name -> (help, loader returning (config class, runner))
-COMMANDS: dict[str, tuple[str, Callable[[], tuple[type, Callable]]]] = {
-    "demo": ("generate a two-subject image with the embedded tiny model (or a FLUX folder)", _demo),
+# command words -> ("module:CONFIG_CLASS:run_function", help)
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("demo",): ("musar.demo:DemoConfig:run_demo", "generate a two-subject image with the embedded tiny model"),
 }
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="musar", description="MUSAR: multi-subject customization on FLUX.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_text, _) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", help="YAML config file")
-        p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config fields, e.g. steps=4")
-    return parser
+_SCALARS = (int, float, str, bool, Path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def _is_scalar(tp) -> bool:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return tp in _SCALARS or (typing.get_origin(tp) in (typing.Union, __import__("types").UnionType)
+                              and len(args) == 1 and args[0] in _SCALARS)  # fmt: skip
+
+
+def job_main(config_cls: type, run: Callable, argv: list[str] | None = None, prog: str | None = None,
+             description: str | None = None) -> int:  # fmt: skip
+    """Parse arguments into ``config_cls``, then call ``run(config)``; returns the exit code."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help="YAML config file (fields below override it)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    hints = typing.get_type_hints(config_cls)
+    flags = []
+    for f in dataclasses.fields(config_cls):
+        if _is_scalar(hints[f.name]):
+            default = f.default if f.default is not dataclasses.MISSING else "required"
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f"field__{f.name}", metavar="VALUE",
+                                help=f"{f.name} (default: {default})")  # fmt: skip
+            flags.append(f.name)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. musar.subject_rank=64")
     args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help()
-        return 2
-    config_cls, runner = COMMANDS[args.command][1]()
+    overrides = []
+    for name in flags:
+        value = getattr(args, "field__" + name)
+        if value is not None:  # strings stay strings ("a: b" is a prompt, not a mapping)
+            textual = str in typing.get_args(hints[name]) or hints[name] in (str, Path)
+            overrides.append(f"{name}={json.dumps(value) if textual else value}")
+    overrides += args.overrides
     try:
-        config = load_config(config_cls, args.config, args.overrides)
+        config = load_config(config_cls, args.config, overrides)
     except ConfigError as err:
-        parser.exit(2, f"musar {args.command}: config error: {err}\n")
+        parser.exit(2, f"{parser.prog}: config error: {err}\n")
     if args.print_config:
         print(dump_yaml(config), end="")
         return 0
     try:
-        runner(config)
-    except (ValueError, FileNotFoundError) as err:
-        parser.exit(1, f"musar {args.command}: error: {err}\n")
+        run(config)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
     return 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for words, (target, _) in sorted(COMMANDS.items(), key=lambda kv: -len(kv[0])):
+        if tuple(argv[: len(words)]) == words:
+            module, cls_name, fn_name = target.split(":")
+            mod = importlib.import_module(module)
+            return job_main(getattr(mod, cls_name), getattr(mod, fn_name), argv[len(words):],
+                            prog="musar " + " ".join(words), description=mod.__doc__)  # fmt: skip
+    parser = argparse.ArgumentParser(prog="musar", description="MUSAR: multi-subject customization on FLUX.")
+    lines = "\n".join(f"  {' '.join(w):16s} {h}" for w, (_, h) in COMMANDS.items())
+    parser.epilog = f"commands:\n{lines}\n\n'musar COMMAND --help' describes each one."
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.usage = "musar COMMAND [options]"
+    if argv and argv[0] not in ("-h", "--help"):
+        parser.exit(2, f"musar: unknown command {' '.join(argv[:2])!r}\n\n{parser.format_help()}")
+    parser.print_help()
+    return 0 if argv else 2
 
 if __name__ == "__main__":
     sys.exit(main())

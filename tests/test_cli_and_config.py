@@ -56,10 +56,18 @@ def test_missing_config_file(tmp_path):
 
 
 def test_cli_help_lists_commands(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--help"])
-    assert exit_info.value.code == 0
+    assert main(["--help"]) == 0
     assert "demo" in capsys.readouterr().out
+    assert main([]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["nonsense"])
+    assert exit_info.value.code == 2 and "unknown command" in capsys.readouterr().err
+
+
+def test_scalar_fields_become_flags(capsys):
+    assert main(["demo", "--steps", "3", "--prompt", "a: b", "--print-config", "musar.subject_rank=8"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 3" in out and "subject_rank: 8" in out and "prompt: 'a: b'" in out
 
 
 def test_cli_config_error_exits_2(capsys):
