@@ -23,6 +23,8 @@ from .config import ConfigError, dump_yaml, load_config
 # command words -> ("module:CONFIG_CLASS:run_function", help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("demo",): ("musar.demo:DemoConfig:run_demo", "generate a two-subject image with the embedded tiny model"),
+    ("data", "synth"): ("pipelines.synthetic:SynthConfig:write_synthetic", "write a synthetic Subject200K-format set"),
+    ("data", "build"): ("pipelines.build:DataBuildConfig:build_shards", "Subject200K -> single/diptych shards (Ray Data)"),
 }
 
 _SCALARS = (int, float, str, bool, Path)
