@@ -23,6 +23,7 @@ from .config import ConfigError, dump_yaml, load_config
 # command words -> ("module:CONFIG_CLASS:run_function", help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("demo",): ("musar.demo:DemoConfig:run_demo", "generate a two-subject image with the embedded tiny model"),
+    ("generate",): ("musar.generate:GenerateConfig:run_generate", "generate an image with subjects (MUSARPipeline)"),
     ("data", "synth"): ("pipelines.synthetic:SynthConfig:write_synthetic", "write a synthetic Subject200K-format set"),
     ("data", "build"): ("pipelines.build:DataBuildConfig:build_shards", "Subject200K -> single/diptych shards (Ray Data)"),
 }
@@ -50,13 +51,17 @@ def job_main(config_cls: type, run: Callable, argv: list[str] | None = None, pro
             parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f"field__{f.name}", metavar="VALUE",
                                 help=f"{f.name} (default: {default})")  # fmt: skip
             flags.append(f.name)
+        elif typing.get_origin(hints[f.name]) is list and typing.get_args(hints[f.name]) == (str,):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f"field__{f.name}", metavar="VALUE",
+                                action="append", help=f"{f.name} (repeatable)")  # fmt: skip
+            flags.append(f.name)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. musar.subject_rank=64")
     args = parser.parse_args(argv)
     overrides = []
     for name in flags:
         value = getattr(args, "field__" + name)
         if value is not None:  # strings stay strings ("a: b" is a prompt, not a mapping)
-            textual = str in typing.get_args(hints[name]) or hints[name] in (str, Path)
+            textual = str in typing.get_args(hints[name]) or hints[name] in (str, Path) or isinstance(value, list)
             overrides.append(f"{name}={json.dumps(value) if textual else value}")
     overrides += args.overrides
     try:

@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
-from .conditions import ConditionTokens, unpack_latents
+from .conditions import ConditionTokens
 from .routing import RoutingRecord
 from .transformer import MusarTransformer
 
@@ -78,15 +77,3 @@ def denoise(
             result.routing.append(out.routing)
     result.latents = latents
     return result
-
-
-@torch.no_grad()
-def decode(vae, latents: torch.Tensor, height: int, width: int) -> list[Image.Image]:
-    """Packed latents of a (height, width) image -> PIL images."""
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    lat = unpack_latents(latents, height // scale, width // scale)
-    lat = lat / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-    param = next(vae.parameters())
-    pixels = vae.decode(lat.to(param.device, param.dtype), return_dict=False)[0]
-    arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]

@@ -84,6 +84,7 @@ def test_demo_writes_an_image(tmp_path, monkeypatch, capsys):
     image = Image.open(out / "generated.png")
     assert image.size == (64, 64)
     assert Image.open(out / "sheet.png").size == (3 * 64, 64)
+    assert (out / "routing_map.png").exists()
     assert "wrote" in capsys.readouterr().out
 
 
@@ -92,4 +93,4 @@ def test_demo_rejects_a_phrase_missing_from_the_prompt(tmp_path, monkeypatch, ca
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "prompt=a cat", "steps=1", "height=64", "width=64", f"output_dir={tmp_path}"])
     assert exit_info.value.code == 1
-    assert "'red ball' (occurrence 0) does not occur" in capsys.readouterr().err
+    assert "subject phrase 'red ball' does not occur in the prompt" in capsys.readouterr().err
