@@ -48,8 +48,9 @@ STRICT_FIELDS = (
 ADVISORY_FIELDS = ("dynamic_routing", "condition_size", "condition_prompt_max_tokens")
 
 
-def base_config_hash(transformer) -> str:
-    cfg = dict(transformer.config)
+def base_config_hash(transformer_or_config) -> str:
+    """Hash of the architecture keys of a FLUX transformer (or of its config mapping)."""
+    cfg = dict(getattr(transformer_or_config, "config", transformer_or_config))
     arch = {k: (list(cfg[k]) if isinstance(cfg.get(k), (tuple, list)) else cfg.get(k)) for k in ARCHITECTURE_KEYS}
     if arch["out_channels"] is None:
         arch["out_channels"] = arch["in_channels"]

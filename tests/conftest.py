@@ -15,7 +15,8 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # 4 logical CPUs on a 2-core machine: 2 Ray Train workers plus room for Ray Data's read tasks.
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     try:
         from ray import serve
