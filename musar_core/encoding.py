@@ -151,6 +151,7 @@ def phrase_token_span(tokenizer, prompt: str, char_start: int, char_end: int, ma
     hits = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if e > s and s < char_end and e > char_start]
     if not hits:
         raise ValueError(
-            f"the phrase {prompt[char_start:char_end]!r} falls outside the first {max_length} prompt tokens"
+            f"the phrase {prompt[char_start:char_end]!r} falls outside the first {max_length} prompt tokens; "
+            "shorten the prompt or raise the prompt token limit (max_sequence_length / data.max_prompt_tokens)"
         )
     return hits[0], hits[-1] - hits[0] + 1

@@ -69,7 +69,7 @@ class MUSARPipeline:
 
         self.transformer, self.encoders, self.scheduler = transformer, encoders, scheduler
         self.max_subjects = max_subjects
-        self.max_sequence_length = min(max_sequence_length, encoders.tokenizer_2.model_max_length)
+        self.max_sequence_length = max_sequence_length
         self.image_processor = VaeImageProcessor(vae_scale_factor=encoders.vae_scale_factor * 2)
         self._offload_device: torch.device | None = None
 
@@ -156,7 +156,8 @@ class MUSARPipeline:
         self._check_size(height, width)
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        max_len = min(max_sequence_length or self.max_sequence_length, self.encoders.tokenizer_2.model_max_length)
+        # An explicit max_sequence_length is taken as given; the default is capped by the tokenizer's maximum.
+        max_len = max_sequence_length or min(self.max_sequence_length, self.encoders.tokenizer_2.model_max_length)
         repeat = num_images_per_prompt
         batch = len(prompts) * repeat
         if seed is not None and generator is not None:

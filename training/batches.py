@@ -77,7 +77,7 @@ def encode_samples(
     pixels = torch.stack([_pixels(s.target_image, width, target_size) for s in samples])
     latents, (rows, cols) = encode_images(enc.vae, pixels)
     prompts = [s.target_prompt for s in samples]
-    max_len = min(max_prompt_tokens, enc.tokenizer_2.model_max_length)
+    max_len = max_prompt_tokens
     prompt_embeds, pooled = encode_target_prompt(enc, prompts, max_len)
     conditions = encode_conditions(enc, [[s.cond_images[k] for s in samples] for k in range(c)],
                                    [[s.cond_prompts[k] for s in samples] for k in range(c)],

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from musar.config import to_dict
+from musar.ray_cluster import check_room_for_data, ensure_ray
 from musar_core.checkpoint import STRICT_FIELDS, base_config_hash, read_metadata
 
 from .checkpoints import LORA_DIR
@@ -80,24 +81,6 @@ def check_shards(cfg: TrainConfig) -> tuple[Path, str | None]:
     return root, fingerprint
 
 
-def ensure_ray(train_cpus: int) -> None:
-    """Join RAY_ADDRESS / a running cluster; else start a local Ray with room for Ray Data beside the workers."""
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    try:
-        ray.init(address="auto")
-    except ConnectionError:
-        # Logical CPUs: the train workers take theirs, Ray Data's read tasks need some too.
-        ray.init(num_cpus=max(os.cpu_count() or 1, train_cpus + 2))
-
-
 def run_stage(cfg: TrainConfig) -> StageResult:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -114,7 +97,9 @@ def run_stage(cfg: TrainConfig) -> StageResult:
     cfg.tracking.tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     run_id = start_run(cfg, flat_params(to_dict(cfg)), tags={"stage": str(cfg.stage), "data_fingerprint": str(fingerprint)})
 
-    ensure_ray(cfg.num_workers * cfg.cpus_per_worker)
+    train_cpus = cfg.num_workers * cfg.cpus_per_worker
+    ensure_ray(min_cpus=train_cpus + 2)
+    check_room_for_data(train_cpus)
     datasets = {name: ray.data.read_parquet(str(shards / name)) for name, _ in cfg.data_mix()}
     name = f"stage{cfg.stage}-{run_id or 'untracked'}"
     trainer = TorchTrainer(

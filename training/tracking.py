@@ -59,12 +59,13 @@ def finish_run(cfg: TrainConfig, run_id: str, lora_dir: Path, model_dir: Path, s
             dataset = cfg.data_mix()[0][0]
             task = ray.remote(num_gpus=1 if cfg.use_gpu else 0, num_cpus=1)(sample_grid_png)
             png = ray.get(task.remote(str(model_dir), str(lora_dir), str(shards / dataset), cfg.data.target_size,
-                                      cfg.tracking.sample_count, cfg.tracking.sample_steps, cfg.musar.to_dict()))  # fmt: skip
+                                      cfg.tracking.sample_count, cfg.tracking.sample_steps, cfg.musar.to_dict(),
+                                      cfg.data.max_prompt_tokens))  # fmt: skip
             mlflow.log_image(Image.open(io.BytesIO(png)), f"samples/stage{cfg.stage}.png")
 
 
 def sample_grid_png(model_dir: str, lora_dir: str, dataset_dir: str, size: int, count: int, steps: int,
-                    musar: dict) -> bytes:  # fmt: skip
+                    musar: dict, max_prompt_tokens: int) -> bytes:  # fmt: skip
     """Rows of [condition images..., generated, training target] for the first samples of a dataset."""
     import pyarrow.dataset as pads
     import torch
@@ -84,7 +85,7 @@ def sample_grid_png(model_dir: str, lora_dir: str, dataset_dir: str, size: int, 
             subjects[0].span = (0, len(row["target_prompt"]))  # single samples: the whole prompt names the subject
         width = size * len(conds) if len(conds) > 1 else size
         image = pipe(row["target_prompt"], subjects, height=size, width=width, num_inference_steps=steps, seed=0,
-                     progress=False).images[0]  # fmt: skip
+                     max_sequence_length=max_prompt_tokens, progress=False).images[0]  # fmt: skip
         target = Image.open(io.BytesIO(row["target_image"])).convert("RGB").resize((width, size))
         lines.append([im.resize((size, size)) for im in conds] + [image, target])
     width = max(sum(im.width for im in line) for line in lines)
