@@ -45,7 +45,8 @@ def _modulation(norm: nn.Module, ctx: BlockContext, segments: list[Segment], chu
     """
     params: dict[int, tuple[torch.Tensor, ...]] = {}
     by_tensor: dict[int, tuple[torch.Tensor, ...]] = {}
-    for seg in segments:
+    live = [s for s in segments if s.length]
+    for seg in live:
         if seg.group in params:
             continue
         temb = ctx.group_temb[seg.group]
@@ -54,7 +55,6 @@ def _modulation(norm: nn.Module, ctx: BlockContext, segments: list[Segment], chu
         params[seg.group] = by_tensor[id(temb)]
     if len(by_tensor) == 1:
         return [p[:, None] for p in next(iter(params.values()))]
-    live = [s for s in segments if s.length]
     return [
         torch.cat([params[s.group][i][:, None].expand(-1, s.length, -1) for s in live], dim=1) for i in range(chunks)
     ]

@@ -64,11 +64,9 @@ class TokenLayout:
     def __post_init__(self) -> None:
         object.__setattr__(self, "cond_text_lens", tuple(int(x) for x in self.cond_text_lens))
         object.__setattr__(self, "cond_image_lens", tuple(int(x) for x in self.cond_image_lens))
-        if self.prompt_len < 1 or self.target_len < 1:
-            raise ValueError(
-                f"layout needs at least one prompt and one target token, got prompt_len={self.prompt_len}, "
-                f"target_len={self.target_len}"
-            )
+        if self.prompt_len < 0 or self.target_len < 0:
+            raise ValueError(f"negative token counts: prompt_len={self.prompt_len}, target_len={self.target_len}")
+        # prompt_len = target_len = 0 is the condition-only pass that fills a condition cache.
         if len(self.cond_text_lens) != len(self.cond_image_lens):
             raise ValueError(
                 f"every condition needs a prompt and an image: got {len(self.cond_text_lens)} condition prompts "

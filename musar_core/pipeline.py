@@ -148,7 +148,10 @@ class MUSARPipeline:
         return_routing: bool = False,
         max_sequence_length: int | None = None,
         progress: bool = True,
+        condition_cache: bool | None = None,
     ) -> MUSARPipelineOutput:
+        """Generate; ``condition_cache`` (default: on when the model isolates conditions) computes the
+        conditions' K/V once per call instead of at every step."""
         from diffusers.utils.torch_utils import randn_tensor
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -193,6 +196,7 @@ class MUSARPipeline:
                 prompt_embeds, pooled, text_ids(prompt_embeds.shape[1], device=device),
                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, conditions=conditions,
                 phrase_spans=phrase_spans, return_routing=return_routing and c >= 2, progress=progress,
+                use_condition_cache=self.transformer.config.isolate_conditions if condition_cache is None else condition_cache,
             )  # fmt: skip
         with self._on_device(enc.vae):
             images = self._decode(result.latents, height, width)

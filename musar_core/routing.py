@@ -60,14 +60,20 @@ class RoutingRules:
 
 
 # --- 2. dynamic routing --------------------------------------------------------------------------
-def affinity_and_routes(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """S* (batch, n, c) and routes (batch, n) from joint-order q, k of shape (batch, L, heads, dim)."""
+def affinity_and_routes(
+    q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, span_weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """S* (batch, n, c) and routes (batch, n) from joint-order q, k of shape (batch, L, heads, dim).
+
+    ``span_weights`` (batch, m, c) defaults to the layout's own phrase spans (eq. 3 as a matmul).
+    """
     t0, t1 = layout.group_ranges()[TARGET]
     q_x = q[:, t0:t1].transpose(1, 2)  # (B, H, n, D)
     k_t = k[:, : layout.prompt_len].transpose(1, 2)  # (B, H, m, D)
     logits = torch.matmul(q_x, k_t.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     s = logits.float().softmax(dim=-1).mean(dim=1)  # eq. 2, averaged over heads: (B, n, m)
-    affinity = torch.matmul(s, layout.span_weights(s.dtype, s.device))  # eq. 3: (B, n, c)
+    weights = layout.span_weights(s.dtype, s.device) if span_weights is None else span_weights.to(s)
+    affinity = torch.matmul(s, weights)  # eq. 3: (B, n, c)
     return affinity, affinity.argmax(dim=-1)  # eq. 4's argmax
 
 
@@ -119,6 +125,9 @@ def routed_attention(
 
     by_keys: dict[tuple[int, ...], list[int]] = {}
     for g in groups:
+        if ranges[g][0] == ranges[g][1]:
+            out[g] = q[:, ranges[g][0] : ranges[g][0]]  # an empty group (the condition-only pass)
+            continue
         if g == TARGET and routes is not None:
             continue
         by_keys.setdefault(tuple(kg for kg in groups if rules.allows(g, kg)), []).append(g)
@@ -129,7 +138,7 @@ def routed_attention(
         for g, piece in zip(sorted(query_groups), o.split([ranges[g][1] - ranges[g][0] for g in sorted(query_groups)], 1)):
             out[g] = piece
 
-    if routes is not None:
+    if routes is not None and ranges[TARGET][1] > ranges[TARGET][0]:
         out[TARGET] = _routed_target_attention(q, k, v, layout, rules, routes, attend, key_valid)
     return torch.cat(out, dim=1)
 
@@ -158,6 +167,56 @@ def _routed_target_attention(q, k, v, layout, rules, routes, attend, key_valid):
         valid = torch.arange(width, device=q.device)[None, :] < count[:, None]
         out = out.scatter_add(1, index, o * valid[:, :, None, None].to(o.dtype))
     return out
+
+
+def cached_condition_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: TokenLayout,
+    routes: torch.Tensor | None,
+    cond_kv: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+    attend: AttendFn,
+) -> torch.Tensor:
+    """Attention of a step whose conditions live in a cache (``isolate_conditions`` only).
+
+    q/k/v hold just [prompt, target]; each condition's K/V for this layer comes from ``cond_kv``
+    (computed once per generation). Prompt queries see [prompt, target]; target queries see
+    [prompt, target] plus cond[route(i)] (or every condition without dynamic routing).
+    """
+    m, n = layout.prompt_len, layout.target_len
+    prompt_out = attend(q[:, :m], k, v)
+    q_x = q[:, m : m + n]
+
+    def keys(conds):
+        ks = torch.cat([k] + [cond_kv[r][0] for r in conds], dim=1)
+        vs = torch.cat([v] + [cond_kv[r][1] for r in conds], dim=1)
+        masks = [cond_kv[r][2] for r in conds]
+        if all(mk is None for mk in masks):
+            return ks, vs, None
+        valid = [torch.ones(k.shape[0], k.shape[1], dtype=torch.bool, device=k.device)]
+        for r, mk in zip(conds, masks):
+            valid.append(mk if mk is not None else torch.ones(k.shape[0], cond_kv[r][0].shape[1], dtype=torch.bool,
+                                                             device=k.device))  # fmt: skip
+        return ks, vs, torch.cat(valid, dim=1)[:, None, None, :]
+
+    if routes is None:
+        ks, vs, mask = keys(range(len(cond_kv)))
+        return torch.cat([prompt_out, attend(q_x, ks, vs, attn_mask=mask)], dim=1)
+    out = torch.zeros_like(q_x)
+    for r in range(len(cond_kv)):
+        chosen = routes == r
+        count = chosen.sum(dim=1)
+        width = n if routes.is_meta else int(count.max())
+        if width == 0:
+            continue
+        order = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, :width]
+        index = order[:, :, None, None].expand(-1, -1, q.shape[2], q.shape[3])
+        ks, vs, mask = keys([r])
+        o = attend(torch.gather(q_x, 1, index), ks, vs, attn_mask=mask)
+        valid = torch.arange(width, device=q.device)[None, :] < count[:, None]
+        out = out.scatter_add(1, index, o * valid[:, :, None, None].to(o.dtype))
+    return torch.cat([prompt_out, out], dim=1)
 
 
 # --- 4. reference path -----------------------------------------------------------------------------
@@ -201,6 +260,19 @@ def dispatch_attend(backend: str | None = None) -> AttendFn:
 
 
 @dataclass
+class ConditionCache:
+    """Per-block K/V of every condition, computed once per generation (``isolate_conditions``).
+
+    ``kv[layer][k]`` = (keys, values, key-padding mask or None) of cond[k] after QK-norm and RoPE.
+    Valid for one set of references, condition prompts, guidance value and batch size.
+    """
+
+    kv: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = field(default_factory=dict)
+    num_conditions: int = 0
+    batch_size: int = 0
+
+
+@dataclass
 class RoutingRecord:
     """Routes (B, n) and affinities S* (B, n, c) per block index, for one forward."""
 
@@ -221,12 +293,25 @@ class AttentionRouter:
         attend: AttendFn | None = None,
         key_valid: torch.Tensor | None = None,
         record: bool = False,
+        capture: ConditionCache | None = None,
+        cache: ConditionCache | None = None,
+        cached_spans: torch.Tensor | None = None,
     ) -> None:
-        if rules.dynamic_routing and layout.num_conditions >= 2 and layout.phrase_spans is None:
+        """``capture``: fill this cache with every condition's K/V (the condition-only pass).
+        ``cache`` + ``cached_spans``: a step whose conditions come from a filled cache."""
+        self.num_conditions = cache.num_conditions if cache is not None else layout.num_conditions
+        spans = cached_spans if cache is not None else layout.phrase_spans
+        if rules.dynamic_routing and self.num_conditions >= 2 and layout.target_len > 0 and spans is None:
             raise ValueError(
-                f"dynamic routing with {layout.num_conditions} conditions needs phrase_spans: the (start, length) "
+                f"dynamic routing with {self.num_conditions} conditions needs phrase_spans: the (start, length) "
                 "of each condition's phrase in the prompt tokens; pass them, or set dynamic_routing=False"
             )
+        self.capture, self.cache = capture, cache
+        self._span_weights = None
+        if cache is not None and spans is not None:
+            spans_layout = TokenLayout(layout.prompt_len, 1, [0] * cache.num_conditions, [1] * cache.num_conditions,
+                                       phrase_spans=spans)  # fmt: skip
+            self._span_weights = spans_layout.span_weights(torch.float32, spans.device)
         self.layout, self.rules, self.impl = layout, rules, impl
         self.dynamic_layers = None if dynamic_layers is None else set(dynamic_layers)
         self.attend = attend or dispatch_attend()
@@ -236,13 +321,13 @@ class AttentionRouter:
 
     def routes_for(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
         """This layer's routes, computed once per forward (a checkpoint recompute reuses them)."""
-        if not self.rules.dynamic_routing or self.layout.num_conditions < 2:
+        if not self.rules.dynamic_routing or self.num_conditions < 2 or self.layout.target_len == 0:
             return None  # with one condition routing is a no-op
         if self.dynamic_layers is not None and layer not in self.dynamic_layers:
             return None
         if layer not in self._routes:
             with torch.no_grad():
-                affinity, routes = affinity_and_routes(q.detach(), k.detach(), self.layout)
+                affinity, routes = affinity_and_routes(q.detach(), k.detach(), self.layout, self._span_weights)
             self._routes[layer] = routes
             if self.record is not None:
                 self.record.routes[layer] = routes
@@ -251,6 +336,15 @@ class AttentionRouter:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         routes = self.routes_for(layer, q, k)
+        if self.cache is not None:
+            return cached_condition_attention(q, k, v, self.layout, routes, self.cache.kv[layer], self.attend)
+        if self.capture is not None:
+            self.capture.kv[layer] = [self._cond_kv(k, v, c) for c in range(self.layout.num_conditions)]
         if self.impl == "reference":
             return reference_attention(q, k, v, self.layout, self.rules, routes, self.key_valid)
         return routed_attention(q, k, v, self.layout, self.rules, routes, self.attend, self.key_valid)
+
+    def _cond_kv(self, k, v, c):
+        s, e = self.layout.group_ranges()[2 + c]
+        valid = None if self.key_valid is None else self.key_valid[:, s:e]
+        return k[:, s:e].detach(), v[:, s:e].detach(), valid

@@ -48,8 +48,13 @@ def denoise(
     phrase_spans: torch.Tensor | None = None,
     return_routing: bool = False,
     progress: bool = True,
+    use_condition_cache: bool = False,
 ) -> SampleResult:
-    """Integrate from noise ``latents`` (B, n, C) to clean packed latents."""
+    """Integrate from noise ``latents`` (B, n, C) to clean packed latents.
+
+    ``use_condition_cache`` (models with ``isolate_conditions``): one condition-only pass computes
+    every block's condition K/V, and the steps run on [prompt, target] tokens alone.
+    """
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
@@ -58,6 +63,9 @@ def denoise(
     batch = latents.shape[0]
     guidance = torch.full((batch,), float(guidance_scale), device=latents.device, dtype=torch.float32)
     result = SampleResult(latents)
+    cache = None
+    if use_condition_cache and conditions is not None and len(conditions):
+        cache = model.build_condition_cache(conditions, guidance)
     for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False):
         timestep = t.expand(batch).to(latents.dtype)
         out = model(
@@ -68,7 +76,8 @@ def denoise(
             img_ids=img_ids,
             txt_ids=txt_ids,
             guidance=guidance,
-            conditions=conditions,
+            conditions=None if cache is not None else conditions,
+            condition_cache=cache,
             phrase_spans=phrase_spans,
             return_routing=return_routing,
         )

@@ -19,7 +19,7 @@ from .conditions import ConditionTokens, text_ids
 from .config import MusarConfig
 from .layout import TokenLayout, cond_group, PROMPT, TARGET
 from .lora import inject_adapters, lora_parameters, row_plan
-from .routing import AttentionRouter, RoutingRecord, RoutingRules, dispatch_attend
+from .routing import AttentionRouter, ConditionCache, RoutingRecord, RoutingRules, dispatch_attend
 
 
 @dataclass
@@ -110,14 +110,22 @@ class MusarTransformer(nn.Module):
         phrase_spans: torch.Tensor | None = None,
         return_routing: bool = False,
         output_hidden_states: bool = False,
+        condition_cache: ConditionCache | None = None,
     ) -> MusarOutput:
         """Velocity for the target tokens, shapes as in stock FLUX (timestep and guidance in [0, 1] units).
 
         ``conditions`` holds c encoded conditions; ``phrase_spans`` (B, c, 2) gives each condition's
         (start, length) in the prompt tokens and is required for dynamic routing when c >= 2.
+        ``condition_cache`` (from :meth:`build_condition_cache`) replaces ``conditions`` for models
+        trained with ``isolate_conditions``: condition tokens then leave the per-step work entirely.
         """
         t = self.transformer
         batch, n, channels = self._check_inputs(hidden_states, encoder_hidden_states, pooled_projections, img_ids, txt_ids)
+        if condition_cache is not None:
+            if conditions is not None:
+                raise ValueError("pass conditions or condition_cache, not both")
+            if condition_cache.batch_size != batch:
+                raise ValueError(f"condition_cache was built for batch {condition_cache.batch_size}, got batch {batch}")
         conditions = conditions or ConditionTokens([], [], [], [])
         conditions.validate(batch, channels, t.config.joint_attention_dim, t.config.pooled_projection_dim)
         if guidance is None and t.config.guidance_embeds:
@@ -127,31 +135,80 @@ class MusarTransformer(nn.Module):
             target_len=n,
             cond_text_lens=[e.shape[1] for e in conditions.prompt_embeds],
             cond_image_lens=[x.shape[1] for x in conditions.image_latents],
-            phrase_spans=phrase_spans,
+            phrase_spans=None if condition_cache is not None else phrase_spans,
         )
 
         image = t.x_embedder(torch.cat([hidden_states, *conditions.image_latents], dim=1))
         text = t.context_embedder(torch.cat([encoder_hidden_states, *conditions.prompt_embeds], dim=1))
-
         temb = self._embed(timestep.to(image.dtype) * 1000, guidance, pooled_projections, image.dtype)
-        group_temb = {PROMPT: temb, TARGET: temb}
-        cond_time = torch.full_like(timestep, conditions.timestep, dtype=image.dtype) * 1000
-        for k, pooled in enumerate(conditions.pooled):
-            group_temb[cond_group(k)] = self._embed(cond_time, guidance, pooled, image.dtype)
+        group_temb = {PROMPT: temb, TARGET: temb, **self._condition_embeddings(conditions, guidance, batch, image)}
+        rope = self._rope(layout, txt_ids, img_ids, conditions)
+        router_kwargs = dict(record=return_routing)
+        if condition_cache is not None:
+            router_kwargs.update(cache=condition_cache, cached_spans=phrase_spans)
+        router = self._router(layout, conditions, batch, image.device, **router_kwargs)
+        x = self._blocks(layout, text, image, group_temb, rope, router)
+        target = t.norm_out(layout.target_rows(x), temb)
+        return MusarOutput(
+            sample=t.proj_out(target),
+            routing=router.record,
+            hidden_states=x if output_hidden_states else None,
+            layout=layout if output_hidden_states else None,
+        )
 
+    @torch.no_grad()
+    def build_condition_cache(self, conditions: ConditionTokens, guidance: torch.Tensor | None) -> ConditionCache:
+        """The condition-only pass: every block's condition K/V, once per generation.
+
+        Only valid with ``isolate_conditions`` (conditions then depend on nothing but themselves,
+        so their K/V are the same at every denoising step).
+        """
+        if not self.config.isolate_conditions:
+            raise ValueError("a condition cache needs isolate_conditions=True: otherwise conditions see the target "
+                             "and change at every step")  # fmt: skip
+        t = self.transformer
+        batch = conditions.image_latents[0].shape[0] if len(conditions) else 0
+        if batch == 0:
+            raise ValueError("a condition cache needs at least one condition")
+        conditions.validate(batch, t.config.in_channels, t.config.joint_attention_dim, t.config.pooled_projection_dim)
+        layout = TokenLayout(0, 0, [e.shape[1] for e in conditions.prompt_embeds],
+                             [x.shape[1] for x in conditions.image_latents])  # fmt: skip
+        image = t.x_embedder(torch.cat(conditions.image_latents, dim=1))
+        text = t.context_embedder(torch.cat(conditions.prompt_embeds, dim=1))
+        group_temb = self._condition_embeddings(conditions, guidance, batch, image)
+        ids = conditions.image_ids[0]
+        rope = self._rope(layout, ids.new_zeros(0, 3), ids.new_zeros(0, 3), conditions)
+        cache = ConditionCache(num_conditions=len(conditions), batch_size=batch)
+        self._blocks(layout, text, image, group_temb, rope, self._router(layout, conditions, batch, image.device,
+                                                                          capture=cache))  # fmt: skip
+        return cache
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _condition_embeddings(self, conditions, guidance, batch, like) -> dict[int, torch.Tensor]:
+        """Each condition: timestep ``conditions.timestep`` (0), the batch's guidance, its own pooled vector."""
+        cond_time = torch.full((batch,), conditions.timestep * 1000, dtype=like.dtype, device=like.device)
+        return {cond_group(k): self._embed(cond_time, guidance, pooled, like.dtype)
+                for k, pooled in enumerate(conditions.pooled)}  # fmt: skip
+
+    def _rope(self, layout, txt_ids, img_ids, conditions):
         txt_all = torch.cat([txt_ids, *(text_ids(e.shape[1], txt_ids.device, txt_ids.dtype) for e in conditions.prompt_embeds)])
         img_all = torch.cat([img_ids, *(i.to(img_ids) for i in conditions.image_ids)])
-        rope = t.pos_embed(layout.to_joint(txt_all[None], img_all[None])[0])
+        return self.transformer.pos_embed(layout.to_joint(txt_all[None], img_all[None])[0])
 
-        router = AttentionRouter(
+    def _router(self, layout, conditions, batch, device, **kwargs) -> AttentionRouter:
+        return AttentionRouter(
             layout,
             self.rules,
             dynamic_layers=self.config.dynamic_routing_layers,
             impl=self.config.attention_impl,
             attend=dispatch_attend(self.config.attention_backend),
-            key_valid=self._key_valid(layout, conditions, batch, image.device),
-            record=return_routing,
+            key_valid=self._key_valid(layout, conditions, batch, device),
+            **kwargs,
         )
+
+    def _blocks(self, layout, text, image, group_temb, rope, router) -> torch.Tensor:
+        """Every double- then single-stream block; returns the last joint sequence."""
+        t = self.transformer
         text_segs, image_segs, joint_segs = layout.text_segments(), layout.image_segments(), layout.joint_segments()
         ctx = BlockContext(
             layout=layout,
@@ -165,23 +222,14 @@ class MusarTransformer(nn.Module):
             image_plan=row_plan(image_segs, self.config),
             joint_plan=row_plan(joint_segs, self.config),
         )
-
         for i, block in enumerate(t.transformer_blocks):
             text, image = self._run(double_block_forward, block, text, image, ctx, i)
         x = layout.to_joint(text, image)
         offset = len(t.transformer_blocks)
         for j, block in enumerate(t.single_transformer_blocks):
             x = self._run(single_block_forward, block, x, ctx, offset + j)
+        return x
 
-        target = t.norm_out(layout.target_rows(x), temb)
-        return MusarOutput(
-            sample=t.proj_out(target),
-            routing=router.record,
-            hidden_states=x if output_hidden_states else None,
-            layout=layout if output_hidden_states else None,
-        )
-
-    # ---- helpers -------------------------------------------------------------------------------
     def _run(self, fn, block, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(fn, block, *args, use_reentrant=False)
