@@ -22,6 +22,8 @@ from .config import ConfigError, dump_yaml, load_config
 
 # command words -> ("module:CONFIG_CLASS:run_function", help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("quickstart",): ("musar.quickstart:QuickstartConfig:run_quickstart", "data -> 3 training stages -> generation, all local"),
+    ("plan",): ("musar.plan:PlanConfig:run_plan", "capacity plan of a training config (memory, FLOPs, time, storage)"),
     ("demo",): ("musar.demo:DemoConfig:run_demo", "generate a two-subject image with the embedded tiny model"),
     ("generate",): ("musar.generate:GenerateConfig:run_generate", "generate an image with subjects (MUSARPipeline)"),
     ("data", "synth"): ("pipelines.synthetic:SynthConfig:write_synthetic", "write a synthetic Subject200K-format set"),
@@ -41,11 +43,14 @@ def job_main(config_cls: type, run: Callable, argv: list[str] | None = None, pro
              description: str | None = None) -> int:  # fmt: skip
     """Parse arguments into ``config_cls``, then call ``run(config)``; returns the exit code."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", help="YAML config file (fields below override it)")
+    redirect = getattr(config_cls, "__config_flag__", None)
+    parser.add_argument("--config", help=f"YAML file for {redirect}" if redirect else "YAML config file (fields below override it)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     hints = typing.get_type_hints(config_cls)
     flags = []
     for f in dataclasses.fields(config_cls):
+        if f.name == "config":
+            continue
         if _is_scalar(hints[f.name]):
             default = f.default if f.default is not dataclasses.MISSING else "required"
             parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f"field__{f.name}", metavar="VALUE",
@@ -64,8 +69,13 @@ def job_main(config_cls: type, run: Callable, argv: list[str] | None = None, pro
             textual = str in typing.get_args(hints[name]) or hints[name] in (str, Path) or isinstance(value, list)
             overrides.append(f"{name}={json.dumps(value) if textual else value}")
     overrides += args.overrides
+    config_file = args.config
+    redirect = getattr(config_cls, "__config_flag__", None)
+    if redirect and config_file is not None:  # --config names a field's file (e.g. the plan's training config)
+        overrides.insert(0, f"{redirect}={json.dumps(config_file)}")
+        config_file = None
     try:
-        config = load_config(config_cls, args.config, overrides)
+        config = load_config(config_cls, config_file, overrides)
     except ConfigError as err:
         parser.exit(2, f"{parser.prog}: config error: {err}\n")
     if args.print_config:
