@@ -61,7 +61,7 @@ def job_main(config_cls: type, run: Callable, argv: list[str] | None = None, pro
                                 action="append", help=f"{f.name} (repeatable)")  # fmt: skip
             flags.append(f.name)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. musar.subject_rank=64")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may stand before and after flags
     overrides = []
     for name in flags:
         value = getattr(args, "field__" + name)
