@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from musar_core.flops import Shape, condition_pass_flops, generation_flops, step_flops
+from musar_core.flops import Shape, generation_flops, step_flops
 
 # bf16 activation bytes kept per token per block for backward, without checkpointing (approximation:
 # about 17 hidden-sized tensors per token in a FLUX block - norms, q/k/v, attention output, the 4x

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import json
 import os
 import shutil
 import tempfile

@@ -130,7 +130,7 @@ def test_blocked_key_groups_contribute_nothing_per_attention_call(rules_name):
 
 def test_dynamic_routing_on_a_hand_built_similarity():
     """Prompt keys are one-hot; each target query points at one prompt token: routes are known."""
-    m, n, c, heads, dim = 6, 5, 3, 2, 8
+    m, n, heads, dim = 6, 5, 2, 8
     layout = TokenLayout(m, n, (1, 1, 1), (1, 1, 1), phrase_spans=torch.tensor([[[0, 2], [2, 1], [3, 3]]]))
     q = torch.zeros(1, layout.joint_len, heads, dim)
     k = torch.zeros_like(q)
