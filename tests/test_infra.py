@@ -80,12 +80,11 @@ def test_entrypoints_name_existing_scripts_and_arguments_their_parser_accepts(na
 
         assert stage_main(int(script[-1]), args + ["--print-config"]) == 0  # the real parser, no training
     else:
-        import importlib.util
+        from evaluation.run import EvalConfig, run_eval
+        from musar.cli import job_main
 
-        spec = importlib.util.spec_from_file_location(script, ROOT / argv[1])
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        assert module.main(args + ["--print-config"]) == 0
+        assert script == "eval_dreambench"
+        assert job_main(EvalConfig, run_eval, args + ["--print-config"]) == 0
     capsys.readouterr()
 
 
