@@ -25,6 +25,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("quickstart",): ("musar.quickstart:QuickstartConfig:run_quickstart", "data -> 3 training stages -> generation, all local"),
     ("plan",): ("musar.plan:PlanConfig:run_plan", "capacity plan of a training config (memory, FLOPs, time, storage)"),
     ("eval",): ("evaluation.run:EvalConfig:run_eval", "DreamBench evaluation (DINO / CLIP-I / CLIP-T), one MLflow run"),
+    ("serve",): ("musar.serving:ServeAppConfig:run_serve", "serve the model over HTTP with Ray Serve (tiny model by default)"),
     ("demo",): ("musar.demo:DemoConfig:run_demo", "generate a two-subject image with the embedded tiny model"),
     ("generate",): ("musar.generate:GenerateConfig:run_generate", "generate an image with subjects (MUSARPipeline)"),
     ("data", "synth"): ("pipelines.synthetic:SynthConfig:write_synthetic", "write a synthetic Subject200K-format set"),

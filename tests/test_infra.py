@@ -128,3 +128,25 @@ def test_dockerfiles_copy_what_exists():
                 for src in line.split()[1:-1]:
                     if not src.startswith("--") and src != ".":
                         assert (ROOT / src).exists(), f"{name}: {src}"
+
+
+def test_rayservice_serve_config_validates_and_builds():
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.config import ServeAppConfig
+    from musar.config import from_dict
+
+    (_, service), = by_kind("RayService")
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve_config) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(serve_config)
+    (app,) = serve_config["applications"]
+    module, _, attr = app["import_path"].partition(":")
+    assert (ROOT / module.replace(".", "/")).with_suffix(".py").is_file() and attr == "build_app"
+    args = from_dict(ServeAppConfig, app["args"])  # the application's own typed config accepts them
+    assert args.device == "cuda" and "stage3" in args.loras
+    model = next(d for d in app["deployments"] if d["name"] == "MusarModel")
+    group = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    gpus_available = int(group["rayStartParams"]["num-gpus"]) * group["maxReplicas"]
+    assert model["ray_actor_options"]["num_gpus"] == 1
+    assert model["autoscaling_config"]["max_replicas"] <= gpus_available
+    assert model["max_ongoing_requests"] >= app["args"]["batching"]["max_batch_size"]
