@@ -11,13 +11,17 @@ $(VENV)/.installed: pyproject.toml scripts/setup-env.sh
 	touch $@
 
 run: setup
-	$(VENV)/bin/musar demo
+	$(VENV)/bin/musar quickstart
 
 test: setup
 	$(PY) -m pytest
 
 bench: setup
 	$(PY) benchmarks/routed_attention.py
+	$(PY) benchmarks/condition_routing.py
+	$(PY) benchmarks/training_throughput.py
+	$(PY) benchmarks/data_pipeline.py
+	$(PY) benchmarks/serve_load.py
 
 clean:
 	rm -rf outputs

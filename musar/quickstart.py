@@ -72,7 +72,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     summary = {
         "synthetic data": str(raw),
         "shards": str(root / "shards"),
-        "kept / input rows": f"{manifest.get('kept')} / {manifest.get('input_rows')}",
+        "kept / input rows": f"{manifest['counts']['kept']} / {manifest['counts']['input_rows']}",
         "stage LoRAs": str(root / "train" / "stage{1,2,3}" / "lora"),
         "MLflow": f"sqlite:///{root / 'mlflow.db'} (runs {', '.join(r or '-' for r in runs)}); "
                   f"view: mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}",

@@ -7,6 +7,7 @@ fails in seconds with a message naming the problem rather than after a cluster h
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -75,9 +76,11 @@ def check_shards(cfg: TrainConfig) -> tuple[Path, str | None]:
             raise FileNotFoundError(f"data.shards: {root / name} holds no parquet shards (run `musar data build`)")
     manifest = root / "manifest.json"
     fingerprint = None
-    if manifest.is_file():
+    if manifest.is_file():  # the data build's per-dataset content hashes, reduced to one fingerprint
         data = json.loads(manifest.read_text())
-        fingerprint = data.get("fingerprint") or data.get("content_hash")
+        hashes = {name: d.get("hash") for name, d in sorted(data.get("datasets", {}).items())}
+        fingerprint = data.get("fingerprint") or (hashlib.sha256(json.dumps(hashes).encode()).hexdigest()[:16]
+                                                  if hashes else None)  # fmt: skip
     return root, fingerprint
 
 
