@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from musar.model_dirs import resolve_flux_dir
 from musar_core import MusarConfig
 
 from .cases import (
@@ -115,17 +116,6 @@ class EvalResult:
 
 
 # ---- resolution of inputs --------------------------------------------------------------------------
-def resolve_model(model: str) -> Path:
-    if model == "tiny":
-        from musar_core.tiny import tiny_flux_dir
-
-        return tiny_flux_dir()
-    path = Path(model).expanduser().resolve()
-    if not (path / "model_index.json").is_file() or not (path / "transformer").is_dir():
-        raise FileNotFoundError(f"model: {path} is not a FLUX.1 diffusers folder (model_index.json, transformer/)")
-    return path
-
-
 def resolve_lora(cfg: EvalConfig, tracking_uri: str) -> Path | None:
     """A LoRA folder, or ``mlflow:<run_id>``: that run's ``lora`` artifact, downloaded under output_dir."""
     from musar_core.checkpoint import read_metadata
@@ -239,7 +229,7 @@ def plan_eval(cfg: EvalConfig) -> EvalPlan:
     metric_info = metric_model_info(cfg.dino_model, cfg.clip_model)
     load_dino(cfg.dino_model), load_clip(cfg.clip_model)
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-    model_dir = resolve_model(cfg.model)
+    model_dir = resolve_flux_dir(cfg.model)
     lora_dir = resolve_lora(cfg, tracking_uri)
     musar = effective_musar(cfg, lora_dir)
 

@@ -48,9 +48,10 @@ class GenerateConfig:
 
 def load_pipeline(cfg: GenerateConfig):
     from musar_core import MUSARPipeline
-    from musar_core.tiny import tiny_flux_dir
 
-    model_dir = tiny_flux_dir() if cfg.model == "tiny" else Path(cfg.model)
+    from .model_dirs import resolve_flux_dir
+
+    model_dir = resolve_flux_dir(cfg.model)
     pipe = MUSARPipeline.from_pretrained(model_dir, lora=cfg.lora, config=cfg.musar, torch_dtype=DTYPES[cfg.dtype],
                                          max_subjects=cfg.max_subjects, max_sequence_length=cfg.max_sequence_length)  # fmt: skip
     if cfg.offload:

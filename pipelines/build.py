@@ -104,11 +104,12 @@ class DataBuildConfig:
 
 
 def ensure_ray():
-    """Connect to the Ray that the environment names, else start a local one; never re-init."""
+    """The project's one way to reach Ray (musar.ray_cluster): join a cluster if there is one, else start one."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS, then a running `ray start` cluster, else a new local instance
+    from musar.ray_cluster import ensure_ray as connect
+
+    connect()
     return ray
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from musar.config import to_dict
+from musar.model_dirs import resolve_flux_dir
 from musar.ray_cluster import check_room_for_data, ensure_ray
 from musar_core.checkpoint import STRICT_FIELDS, base_config_hash, read_metadata
 
@@ -28,17 +29,6 @@ class StageResult:
     run_id: str | None
     metrics: dict
     checkpoint_path: str | None
-
-
-def resolve_model_dir(model: str) -> Path:
-    if model == "tiny":
-        from musar_core.tiny import tiny_flux_dir
-
-        return tiny_flux_dir()
-    path = Path(model).expanduser().resolve()
-    if not (path / "model_index.json").is_file() or not (path / "transformer").is_dir():
-        raise FileNotFoundError(f"model: {path} is not a FLUX.1 diffusers folder (model_index.json, transformer/)")
-    return path
 
 
 def resolve_init_lora(cfg: TrainConfig, model_dir: Path) -> Path | None:
@@ -92,7 +82,7 @@ def run_stage(cfg: TrainConfig) -> StageResult:
     from .loop import train_loop_per_worker
     from .tracking import start_run
 
-    model_dir = resolve_model_dir(cfg.model)
+    model_dir = resolve_flux_dir(cfg.model)
     shards, fingerprint = check_shards(cfg)
     init_lora = resolve_init_lora(cfg, model_dir)
     output = Path(cfg.output_dir).expanduser().resolve()
