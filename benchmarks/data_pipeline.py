@@ -1,6 +1,6 @@
 """Rows/second of the Ray Data build vs a plain single-process loop over the same input.
 
-    .venv/bin/python benchmarks/data_pipeline.py [--rows 800] [--cpus 2] [--repeats 1] [--scale 1.0] [--work DIR]
+    .venv/bin/python benchmarks/data_pipeline.py [--rows 600] [--cpus 2] [--repeats 1] [--scale 1.0] [--work DIR]
 
 Both produce the same three datasets from the same synthetic Subject200K-format set (full 1056x528
 geometry by default) with the same pure functions (pyarrow read, PIL decode, crop, encode, write,
@@ -129,7 +129,7 @@ class Busy:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=800)
+    parser.add_argument("--rows", type=int, default=600)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--scale", type=float, default=1.0, help="composite geometry scale (1.0 = 1056x528)")
     parser.add_argument("--image-format", default="png", choices=["png", "jpeg"])

@@ -14,9 +14,9 @@ images         how shard images are stored (PNG, or JPEG q95)
 samples        single / diptych construction, Figure 2 template, "another" rule, spans
 subjects       stage 1 task: filter, validate, cut, write ``single/``, report every row
 pairing        seeded pairing plans (random, same category) on the driver
-diptychs       stage 2: shuffle the two sides of each pair together, compose, write
+diptychs       stage 2: read both sides of each pair where they lie in single/, compose, write
 encode         optional stage 3: VAE / T5 / CLIP tensor shards (actor pool)
-shards         bounded shard writing and read-back summaries
+shards         bounded shard writing (one row per row group) and read-back summaries
 manifest       accounting, invariant, code version, manifest.json
 output         staging folder and atomic swap; refuse or replace an existing build
 progress       progress lines for long stages

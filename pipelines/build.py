@@ -14,6 +14,12 @@ Stages (each a streaming Ray Data pipeline; the driver only plans and counts):
 4. optional: encoder actors -> ``encoded/<dataset>/`` tensor shards (:mod:`pipelines.encode`);
 5. ``manifest.json`` (:mod:`pipelines.manifest`); the staging folder is swapped in whole
    (:mod:`pipelines.output`).
+
+What touches the driver, all of it metadata handled with vectorised pyarrow / numpy: the input's
+file listing and parquet footers; one report per input row (id, outcome, reason, category key,
+shard location: ~100 bytes) for accounting, ``quarantine/`` and the pairing plan (global pairing
+without replacement needs every kept id at once); the ``sample_id`` / ``content_hash`` columns read
+back for the manifest. Image bytes never reach it.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Stage 2: compose each planned pair from its two single samples, read where they lie.
 
 Stage 1 reported the shard and row of every kept subject's samples, and ``single/`` shards hold one
-row per row group, so a task can read exactly the rows its pairs need (~0.4 ms a side from an open
-shard, ~1 ms to open one) instead of shuffling image bytes through the object store. A shuffle
+row per row group, so a task reads exactly the rows its pairs need (one read per shard it touches)
+instead of shuffling image bytes through the object store. A shuffle
 (``groupby(pair)``) was tried first: its copies and Ray's extra shuffle workers cost ~25% on top of
 composing, and ``Dataset.join`` needs polars. Here every task is plain: a chunk of pairs in, one
 diptych shard out, streaming, no barrier. The output must be on a filesystem all workers see
@@ -43,43 +43,39 @@ def pair_table(dataset: str, plan: PairPlan, kept: pa.Table) -> pa.Table:
     })  # fmt: skip
 
 
-class ShardReader:
-    """Single rows by (shard, row), keeping each shard open for the rest of the task."""
-
-    def __init__(self, directory: str):
-        self.directory = directory
-        self.files: dict[str, tuple[pq.ParquetFile, np.ndarray]] = {}
-
-    def row(self, shard: str, row: int) -> dict:
-        if shard not in self.files:
-            pf = pq.ParquetFile(f"{self.directory}/{shard}")
+def read_sides(single_dir: str, locations: list[tuple[str, int]]) -> dict[tuple[str, int], dict]:
+    """The single rows at ``(shard, row)`` locations, reading each shard once for all of its rows."""
+    by_shard: dict[str, list[int]] = {}
+    for shard, row in locations:
+        by_shard.setdefault(shard, []).append(row)
+    out = {}
+    for shard, rows in by_shard.items():  # a loop over shards; the rows come out of one read
+        wanted = np.unique(rows)
+        with pq.ParquetFile(f"{single_dir}/{shard}") as pf:
             starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
-            self.files[shard] = (pf, starts)
-        pf, starts = self.files[shard]
-        group = int(np.searchsorted(starts, row, side="right") - 1)
-        table = pf.read_row_group(group, columns=SIDE_COLUMNS).slice(row - starts[group], 1)
-        r = table.to_pylist()[0]
-        return dict(subject=r["subjects"][0], source=r["sources"][0], item=r["items"][0], category=r["categories"][0],
-                    condition_image=r["condition_images"][0], target_image=r["target_image"],
-                    description=r["target_prompt"])  # fmt: skip
-
-    def close(self) -> None:
-        for pf, _ in self.files.values():
-            pf.close()
+            group_of = np.searchsorted(starts, wanted, side="right") - 1
+            groups = np.unique(group_of)  # read in this order, so group g starts at offset[g] in the table
+            records = pf.read_row_groups(groups.tolist(), columns=SIDE_COLUMNS).to_pylist()
+        sizes = starts[groups + 1] - starts[groups]
+        offset = dict(zip(groups.tolist(), (np.cumsum(sizes) - sizes).tolist()))
+        for r, g in zip(wanted.tolist(), group_of.tolist()):
+            rec = records[offset[g] + r - int(starts[g])]
+            out[(shard, r)] = dict(subject=rec["subjects"][0], source=rec["sources"][0], item=rec["items"][0],
+                                   category=rec["categories"][0], condition_image=rec["condition_images"][0],
+                                   target_image=rec["target_image"], description=rec["target_prompt"])  # fmt: skip
+    return out
 
 
 def compose_chunk(pairs: pa.Table, *, single_dir: str, out_dir: str, size: tuple[int, int], codec: ImageCodec,
                   max_rows: int, max_bytes: int) -> pa.Table:  # fmt: skip
     """Ray Data UDF: a chunk of one dataset's pairs in, its diptych shard written; returns row counts."""
-    reader = ShardReader(single_dir)
-    try:
-        rows = [
-            diptych_sample(p["sample_id"], p["dataset"], reader.row(p["a_shard"], p["a_row"]),
-                           reader.row(p["b_shard"], p["b_row"]), size, codec)
-            for p in pairs.to_pylist()
-        ]  # fmt: skip
-    finally:
-        reader.close()
+    plan = pairs.to_pylist()
+    sides = read_sides(single_dir, [(p[f"{s}_shard"], p[f"{s}_row"]) for p in plan for s in "ab"])
+    rows = [
+        diptych_sample(p["sample_id"], p["dataset"], sides[(p["a_shard"], p["a_row"])],
+                       sides[(p["b_shard"], p["b_row"])], size, codec)
+        for p in plan
+    ]  # fmt: skip
     counts = {}
     for dataset in sorted({r["dataset"] for r in rows}):
         part = pa.Table.from_pylist([r for r in rows if r["dataset"] == dataset], schema=SAMPLE_SCHEMA)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from musar.config import ConfigError, load_config
 from pipelines.build import DataBuildConfig
+from pipelines.diptychs import read_sides
 from pipelines.filters import filter_reasons
 from pipelines.pairing import matching_passes, random_pairs, same_category_pairs
 from pipelines.panels import PanelGeometry, cut_panels
@@ -227,3 +228,14 @@ def test_content_hash_covers_every_field():
         args[i] = changed
         assert content_hash(*args) != h
     assert content_hash([b"ab"], ["c"], None, b"", "") != content_hash([b"a"], ["bc"], None, b"", "")
+
+
+def test_read_sides_finds_rows_in_any_row_group_layout(tmp_path):
+    rows = [dict(subjects=[f"s{i}"], sources=[f"s{i}/0>1"], items=["x"], categories=["c"], condition_images=[bytes([i])],
+                 target_image=bytes([100 + i]), target_prompt=f"p{i}") for i in range(10)]  # fmt: skip
+    for group in (1, 3, 10):
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"g{group}.parquet", row_group_size=group)
+        wanted = [(f"g{group}.parquet", r) for r in (7, 2, 9, 7, 0)]
+        sides = read_sides(str(tmp_path), wanted)
+        assert {k[1]: (v["subject"], v["target_image"], v["description"]) for k, v in sides.items()} == {
+            r: (f"s{r}", bytes([100 + r]), f"p{r}") for r in (0, 2, 7, 9)}  # fmt: skip
