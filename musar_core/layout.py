@@ -191,8 +191,13 @@ class TokenLayout:
         """(batch, prompt_len, c) matrix W with W[b, p_k:p_k+l_k, k] = 1/l_k, so S* = S @ W (eq. 3)."""
         if self.phrase_spans is None:
             raise ValueError("dynamic routing needs phrase_spans: the (start, length) of each condition's phrase")
-        spans = self.phrase_spans.to(device)
-        pos = torch.arange(self.prompt_len, device=device)[None, :, None]
-        start, length = spans[..., 0][:, None, :], spans[..., 1][:, None, :]
-        inside = (pos >= start) & (pos < start + length)
-        return inside.to(dtype) / length.to(dtype)
+        return span_weights(self.phrase_spans, self.prompt_len, dtype, device)
+
+
+def span_weights(spans: torch.Tensor, prompt_len: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """(batch, prompt_len, c) from (batch, c, 2) spans: W[b, p_k:p_k+l_k, k] = 1/l_k, so S* = S @ W (eq. 3)."""
+    spans = spans.to(device)
+    pos = torch.arange(prompt_len, device=device)[None, :, None]
+    start, length = spans[..., 0][:, None, :], spans[..., 1][:, None, :]
+    inside = (pos >= start) & (pos < start + length)
+    return inside.to(dtype) / length.to(dtype)

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .layout import PROMPT, TARGET, TokenLayout
+from .layout import PROMPT, TARGET, TokenLayout, span_weights
 
 AttendFn = Callable[..., torch.Tensor]
 
@@ -146,11 +146,24 @@ def routed_attention(
 def _routed_target_attention(q, k, v, layout, rules, routes, attend, key_valid):
     ranges = layout.group_ranges()
     t0, t1 = ranges[TARGET]
-    n = t1 - t0
     shared = [ranges[g] for g in range(2) if rules.allows(TARGET, g)]
-    q_x = q[:, t0:t1]
+
+    def keys_for(r):
+        k_ranges = _merge(shared + [ranges[2 + r]])
+        return _take(k, k_ranges), _take(v, k_ranges), _key_mask(key_valid, k_ranges)
+
+    return _attend_per_route(q[:, t0:t1], routes, layout.num_conditions, keys_for, attend)
+
+
+def _attend_per_route(q_x, routes, num_conditions, keys_for, attend) -> torch.Tensor:
+    """Target queries routed to condition r form one call over ``keys_for(r)``; outputs scattered back.
+
+    Queries are gathered per sample, padded to the batch's largest count for r; padding rows are
+    computed and discarded (each position gets exactly one non-zero contribution, so the sum is exact).
+    """
+    n = q_x.shape[1]
     out = torch.zeros_like(q_x)
-    for r in range(layout.num_conditions):
+    for r in range(num_conditions):
         chosen = routes == r  # (B, n)
         count = chosen.sum(dim=1)  # (B,)
         # Shape-only (meta) execution cannot read counts; it runs every query through each call.
@@ -159,12 +172,10 @@ def _routed_target_attention(q, k, v, layout, rules, routes, attend, key_valid):
             continue
         # Positions routed to r first (stable), then the rest as padding.
         order = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, :width]
-        index = order[:, :, None, None].expand(-1, -1, q.shape[2], q.shape[3])
-        k_ranges = _merge(shared + [ranges[2 + r]])
-        o = attend(
-            torch.gather(q_x, 1, index), _take(k, k_ranges), _take(v, k_ranges), attn_mask=_key_mask(key_valid, k_ranges)
-        )
-        valid = torch.arange(width, device=q.device)[None, :] < count[:, None]
+        index = order[:, :, None, None].expand(-1, -1, q_x.shape[2], q_x.shape[3])
+        ks, vs, mask = keys_for(r)
+        o = attend(torch.gather(q_x, 1, index), ks, vs, attn_mask=mask)
+        valid = torch.arange(width, device=q_x.device)[None, :] < count[:, None]
         out = out.scatter_add(1, index, o * valid[:, :, None, None].to(o.dtype))
     return out
 
@@ -203,19 +214,7 @@ def cached_condition_attention(
     if routes is None:
         ks, vs, mask = keys(range(len(cond_kv)))
         return torch.cat([prompt_out, attend(q_x, ks, vs, attn_mask=mask)], dim=1)
-    out = torch.zeros_like(q_x)
-    for r in range(len(cond_kv)):
-        chosen = routes == r
-        count = chosen.sum(dim=1)
-        width = n if routes.is_meta else int(count.max())
-        if width == 0:
-            continue
-        order = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, :width]
-        index = order[:, :, None, None].expand(-1, -1, q.shape[2], q.shape[3])
-        ks, vs, mask = keys([r])
-        o = attend(torch.gather(q_x, 1, index), ks, vs, attn_mask=mask)
-        valid = torch.arange(width, device=q.device)[None, :] < count[:, None]
-        out = out.scatter_add(1, index, o * valid[:, :, None, None].to(o.dtype))
+    out = _attend_per_route(q_x, routes, len(cond_kv), lambda r: keys([r]), attend)
     return torch.cat([prompt_out, out], dim=1)
 
 
@@ -308,10 +307,13 @@ class AttentionRouter:
             )
         self.capture, self.cache = capture, cache
         self._span_weights = None
-        if cache is not None and spans is not None:
-            spans_layout = TokenLayout(layout.prompt_len, 1, [0] * cache.num_conditions, [1] * cache.num_conditions,
-                                       phrase_spans=spans)  # fmt: skip
-            self._span_weights = spans_layout.span_weights(torch.float32, spans.device)
+        if cache is not None and spans is not None:  # the layout holds no conditions: spans come separately
+            if spans.ndim != 3 or spans.shape[1:] != (cache.num_conditions, 2):
+                raise ValueError(f"phrase_spans must have shape (batch, {cache.num_conditions}, 2), got {tuple(spans.shape)}")
+            if not spans.is_meta and (bool((spans[..., 1] < 1).any()) or bool((spans[..., 0] < 0).any())
+                                      or bool((spans.sum(-1) > layout.prompt_len).any())):  # fmt: skip
+                raise ValueError(f"phrase_spans lie outside the {layout.prompt_len} prompt tokens: {spans.tolist()}")
+            self._span_weights = span_weights(spans, layout.prompt_len, torch.float32, spans.device)
         self.layout, self.rules, self.impl = layout, rules, impl
         self.dynamic_layers = None if dynamic_layers is None else set(dynamic_layers)
         self.attend = attend or dispatch_attend()

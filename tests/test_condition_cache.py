@@ -37,6 +37,9 @@ def test_cache_needs_isolated_conditions():
     cache = model.build_condition_cache(inputs["conditions"], inputs["guidance"])
     with pytest.raises(ValueError, match="not both"):
         model(**inputs, condition_cache=cache)
+    bad = {**inputs, "conditions": None, "phrase_spans": torch.tensor([[[0, 2]], [[7, 3]]])}
+    with pytest.raises(ValueError, match="outside the 8 prompt tokens"):
+        model(**bad, condition_cache=cache)
     one = make_inputs(stock, batch=1)
     with pytest.raises(ValueError, match="built for batch 2, got batch 1"):
         model(**one, condition_cache=cache)
