@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .layout import PROMPT, TARGET, TokenLayout, span_weights
+from .lse_attention import attention_with_lse, merge_attention
 
 AttendFn = Callable[..., torch.Tensor]
 
@@ -61,16 +62,23 @@ class RoutingRules:
 
 # --- 2. dynamic routing --------------------------------------------------------------------------
 def affinity_and_routes(
-    q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, span_weights: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: TokenLayout,
+    span_weights: torch.Tensor | None = None,
+    prompt_valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """S* (batch, n, c) and routes (batch, n) from joint-order q, k of shape (batch, L, heads, dim).
 
-    ``span_weights`` (batch, m, c) defaults to the layout's own phrase spans (eq. 3 as a matmul).
+    ``span_weights`` (batch, m, c) defaults to the layout's own phrase spans (eq. 3 as a matmul);
+    ``prompt_valid`` (batch, m) leaves padded prompt tokens out of the softmax.
     """
     t0, t1 = layout.group_ranges()[TARGET]
     q_x = q[:, t0:t1].transpose(1, 2)  # (B, H, n, D)
     k_t = k[:, : layout.prompt_len].transpose(1, 2)  # (B, H, m, D)
     logits = torch.matmul(q_x, k_t.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    if prompt_valid is not None:
+        logits = logits.masked_fill(~prompt_valid[:, None, None, :], float("-inf"))
     s = logits.float().softmax(dim=-1).mean(dim=1)  # eq. 2, averaged over heads: (B, n, m)
     weights = layout.span_weights(s.dtype, s.device) if span_weights is None else span_weights.to(s)
     affinity = torch.matmul(s, weights)  # eq. 3: (B, n, c)
@@ -155,28 +163,35 @@ def _routed_target_attention(q, k, v, layout, rules, routes, attend, key_valid):
     return _attend_per_route(q[:, t0:t1], routes, layout.num_conditions, keys_for, attend)
 
 
-def _attend_per_route(q_x, routes, num_conditions, keys_for, attend) -> torch.Tensor:
-    """Target queries routed to condition r form one call over ``keys_for(r)``; outputs scattered back.
+def _routed_queries(routes: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Positions (B, width) of the target queries routed to condition r, gathered per sample and
+    padded to the batch's largest count, with which of them are real (B, width); None if none are.
 
-    Queries are gathered per sample, padded to the batch's largest count for r; padding rows are
-    computed and discarded (each position gets exactly one non-zero contribution, so the sum is exact).
+    Padding positions belong to other routes: their outputs must be discarded (``valid``).
     """
-    n = q_x.shape[1]
+    chosen = routes == r  # (B, n)
+    count = chosen.sum(dim=1)
+    # Shape-only (meta) execution cannot read counts; it runs every query through each call.
+    width = routes.shape[1] if routes.is_meta else int(count.max())
+    if width == 0:
+        return None
+    order = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, :width]  # routed to r first
+    return order, torch.arange(width, device=routes.device)[None, :] < count[:, None]
+
+
+def _attend_per_route(q_x, routes, num_conditions, keys_for, attend) -> torch.Tensor:
+    """Target queries routed to condition r form one call over ``keys_for(r)``; outputs scattered back
+    (each position gets exactly one non-zero contribution, so the sum is exact)."""
     out = torch.zeros_like(q_x)
     for r in range(num_conditions):
-        chosen = routes == r  # (B, n)
-        count = chosen.sum(dim=1)  # (B,)
-        # Shape-only (meta) execution cannot read counts; it runs every query through each call.
-        width = n if routes.is_meta else int(count.max())
-        if width == 0:
+        picked = _routed_queries(routes, r)
+        if picked is None:
             continue
-        # Positions routed to r first (stable), then the rest as padding.
-        order = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, :width]
+        order, valid = picked
         index = order[:, :, None, None].expand(-1, -1, q_x.shape[2], q_x.shape[3])
         ks, vs, mask = keys_for(r)
         o = attend(torch.gather(q_x, 1, index), ks, vs, attn_mask=mask)
-        valid = torch.arange(width, device=q_x.device)[None, :] < count[:, None]
-        out = out.scatter_add(1, index, o * valid[:, :, None, None].to(o.dtype))
+        out = out.scatter_add(1, index, o * valid[:, :, None, None].to(o.dtype))  # out of place: autograd
     return out
 
 
@@ -194,28 +209,38 @@ def cached_condition_attention(
     q/k/v hold just [prompt, target]; each condition's K/V for this layer comes from ``cond_kv``
     (computed once per generation). Prompt queries see [prompt, target]; target queries see
     [prompt, target] plus cond[route(i)] (or every condition without dynamic routing).
+
+    Executed as one call of every query over the shared [prompt, target] keys, then for the target
+    queries one call per condition over that condition's keys alone, merged exactly by log-sum-exp
+    (``lse_attention``): the shared K/V are never copied per condition. ``attend`` serves the step
+    without conditions.
     """
-    m, n = layout.prompt_len, layout.target_len
-    prompt_out = attend(q[:, :m], k, v)
-    q_x = q[:, m : m + n]
-
-    def keys(conds):
-        ks = torch.cat([k] + [cond_kv[r][0] for r in conds], dim=1)
-        vs = torch.cat([v] + [cond_kv[r][1] for r in conds], dim=1)
-        masks = [cond_kv[r][2] for r in conds]
-        if all(mk is None for mk in masks):
-            return ks, vs, None
-        valid = [torch.ones(k.shape[0], k.shape[1], dtype=torch.bool, device=k.device)]
-        for r, mk in zip(conds, masks):
-            valid.append(mk if mk is not None else torch.ones(k.shape[0], cond_kv[r][0].shape[1], dtype=torch.bool,
-                                                             device=k.device))  # fmt: skip
-        return ks, vs, torch.cat(valid, dim=1)[:, None, None, :]
-
+    if not cond_kv:
+        return attend(q, k, v)
+    m = layout.prompt_len
+    shared, shared_lse = attention_with_lse(q, k, v)
+    q_x = q[:, m:]
     if routes is None:
-        ks, vs, mask = keys(range(len(cond_kv)))
-        return torch.cat([prompt_out, attend(q_x, ks, vs, attn_mask=mask)], dim=1)
-    out = _attend_per_route(q_x, routes, len(cond_kv), lambda r: keys([r]), attend)
-    return torch.cat([prompt_out, out], dim=1)
+        out, lse = shared[:, m:], shared_lse[:, m:]
+        for ck, cv, mask in cond_kv:
+            out, lse = merge_attention(out, lse, *attention_with_lse(q_x, ck, cv, _padding(mask)))
+        return torch.cat([shared[:, :m], out], dim=1)
+    cond_out, cond_lse = torch.zeros_like(q_x), q_x.new_zeros(q_x.shape[:3], dtype=torch.float32)
+    for r, (ck, cv, mask) in enumerate(cond_kv):
+        picked = _routed_queries(routes, r)
+        if picked is None:
+            continue
+        index, valid = picked
+        o, lse = attention_with_lse(torch.gather(q_x, 1, index[:, :, None, None].expand(-1, -1, *q_x.shape[2:])),
+                                    ck, cv, _padding(mask))  # fmt: skip
+        cond_out.scatter_add_(1, index[:, :, None, None].expand_as(o), o * valid[:, :, None, None].to(o.dtype))
+        cond_lse.scatter_add_(1, index[:, :, None].expand_as(lse), lse.masked_fill(~valid[:, :, None], 0.0))
+    out, _ = merge_attention(shared[:, m:], shared_lse[:, m:], cond_out, cond_lse)
+    return torch.cat([shared[:, :m], out], dim=1)
+
+
+def _padding(valid: torch.Tensor | None) -> torch.Tensor | None:
+    return None if valid is None else valid[:, None, None, :]
 
 
 # --- 4. reference path -----------------------------------------------------------------------------
@@ -329,7 +354,8 @@ class AttentionRouter:
             return None
         if layer not in self._routes:
             with torch.no_grad():
-                affinity, routes = affinity_and_routes(q.detach(), k.detach(), self.layout, self._span_weights)
+                prompt_valid = None if self.key_valid is None else self.key_valid[:, : self.layout.prompt_len]
+                affinity, routes = affinity_and_routes(q.detach(), k.detach(), self.layout, self._span_weights, prompt_valid)
             self._routes[layer] = routes
             if self.record is not None:
                 self.record.routes[layer] = routes
