@@ -4,9 +4,11 @@ FLUX.1-dev's shapes scaled down by one factor (hidden size and every token count
 linear layers keep FLUX's balance (see musar_core/flops.py): hidden 3072/s, prompt 512/s, target
 1024/s, each condition 1024/s image + 64/s prompt tokens. Everything is measured side by side in
 one process (median of --repeats), as ratios to plain FLUX without conditions, beside the FLOP
-model's prediction for the same shapes.
+model's prediction for the same shapes. Compact conditions (``condition_compaction`` f) encode each
+reference at 1/f of the side: its cost rows show what they save; their quality cost needs a trained
+model and is not measured here.
 
-    python benchmarks/condition_routing.py [--scale 4] [--repeats 3] [--layers 2 2]
+    python benchmarks/condition_routing.py [--scale 4] [--repeats 3] [--layers 2 2] [--compaction 2]
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, nargs=2, default=(2, 2))
     parser.add_argument("--steps", type=int, default=28, help="steps of a generation, for per-generation ratios")
+    parser.add_argument("--compaction", type=int, default=2, help="condition_compaction of the compact-condition rows")
     args = parser.parse_args()
 
     s = args.scale
@@ -55,9 +58,10 @@ def main() -> None:
     x, prompt = torch.randn(1, shape.target, 64), torch.randn(1, shape.prompt, 256)
     ids = dict(img_ids=image_ids(side, side), txt_ids=text_ids(shape.prompt))
 
-    def conditions(c):
-        return ConditionTokens([torch.randn(1, shape.cond_image, 64) for _ in range(c)],
-                               [condition_image_ids(k, cside, cside) for k in range(c)],
+    def conditions(c, f=1):  # f: condition_compaction (references encoded f times smaller per side)
+        side = cside // f
+        return ConditionTokens([torch.randn(1, side * side, 64) for _ in range(c)],
+                               [condition_image_ids(k, side, side, compaction=f) for k in range(c)],
                                [torch.randn(1, shape.cond_prompt, 256) for _ in range(c)],
                                [torch.randn(1, 64) for _ in range(c)])  # fmt: skip
 
@@ -94,6 +98,23 @@ def main() -> None:
             rows.append((f"MUSAR + condition cache, per {args.steps}-step generation", c, gen, args.steps * plain,
                          relative(shape, c, "cached", per="generation", steps=args.steps)))  # fmt: skip
 
+        # Compact conditions (condition_compaction=2): a quarter of the reference tokens.
+        f = args.compaction
+        compact = Shape(hidden=shape.hidden, prompt=shape.prompt, target=shape.target,
+                        cond_image=shape.cond_image // (f * f), cond_prompt=shape.cond_prompt)  # fmt: skip
+        for c in (1, 3, 5):
+            cond = conditions(c, f)
+            t = median_time(lambda cond=cond, c=c: routed(hidden_states=x, encoder_hidden_states=prompt, conditions=cond,
+                                                          phrase_spans=spans(c), **ids, **base), args.repeats)  # fmt: skip
+            rows.append((f"MUSAR routed, compact x{f}, no cache", c, t, plain, relative(compact, c, "routed")))
+            cache = isolated.build_condition_cache(cond, base["guidance"])
+            once = median_time(lambda cond=cond: isolated.build_condition_cache(cond, base["guidance"]), args.repeats)
+            t = median_time(lambda cache=cache, c=c: isolated(hidden_states=x, encoder_hidden_states=prompt,
+                                                              condition_cache=cache, phrase_spans=spans(c), **ids, **base),
+                            args.repeats)  # fmt: skip
+            rows.append((f"MUSAR + cache, compact x{f}, per {args.steps}-step gen.", c, args.steps * t + once,
+                         args.steps * plain, relative(compact, c, "cached", per="generation", steps=args.steps)))  # fmt: skip
+
         # Dynamic routing overhead alone: time spent computing S* and routes inside a cached c = 3 step.
         spent = []
         original = routing.affinity_and_routes
@@ -117,7 +138,7 @@ def main() -> None:
     print(f"\n{'case':52s} {'c':>2s} {'seconds':>9s} {'x plain':>8s} {'FLOP model':>10s}")
     for name, c, seconds, reference, predicted in rows:
         print(f"{name:52s} {c:2d} {seconds:9.4f} {seconds / reference:8.2f} {predicted:10.2f}")
-    cached = {c: sec for name, c, sec, _, _ in rows if name.endswith("generation")}
+    cached = {c: sec for name, c, sec, _, _ in rows if name == f"MUSAR + condition cache, per {args.steps}-step generation"}
     print(f"\ncached generation c=5 vs c=1: {cached[5] / cached[1]:.3f}x")
     print(f"dynamic routing (S* and routes) inside a cached c=3 step: {per_step_routing * 1000:.2f} ms of "
           f"{step * 1000:.1f} ms = {100 * per_step_routing / step:.1f}%")

@@ -104,16 +104,16 @@ def render(cfg: PlanConfig) -> str:
     n = cfg.gpus or tc.num_workers
     params = count_parameters(tc.musar)
     c = cfg.conditions
-    tok = sample_tokens(tc.data.target_size, c, tc.musar.condition_size, tc.data.max_prompt_tokens,
+    tok = sample_tokens(tc.data.target_size, c, tc.musar.encoded_condition_size, tc.data.max_prompt_tokens,
                         tc.musar.condition_prompt_max_tokens)  # fmt: skip
-    shape = Shape(prompt=tok["prompt"], target=tok["target"], cond_image=(tc.musar.condition_size // 16) ** 2,
+    shape = Shape(prompt=tok["prompt"], target=tok["target"], cond_image=(tc.musar.encoded_condition_size // 16) ** 2,
                   cond_prompt=tc.musar.condition_prompt_max_tokens)  # fmt: skip
     lines = [f"# Capacity plan for {cfg.train_config} ({n} GPUs at {cfg.peak_tflops:.0f} TFLOP/s peak, MFU {cfg.mfu:.0%})", ""]
     lines += ["## Parameters", f"- frozen FLUX transformer: {params.frozen:,} ({params.frozen / 1e9:.2f}B)",
               f"- trained LoRA (subject r={tc.musar.subject_rank}, noise r={tc.musar.noise_rank}): {params.lora:,} "
               f"({params.lora / 1e6:.1f}M, {100 * params.lora / params.frozen:.2f}% of the base)", ""]  # fmt: skip
     lines += [f"## Tokens per training sample (c = {c}, target {tc.data.target_size}px per panel, conditions "
-              f"{tc.musar.condition_size}px)", f"- prompt {tok['prompt']}, target {tok['target']}, conditions "
+              f"{tc.musar.encoded_condition_size}px)", f"- prompt {tok['prompt']}, target {tok['target']}, conditions "
               f"{tok['conditions']}, total {tok['total']}", ""]  # fmt: skip
     lines += ["## Memory per GPU (GB)", "| | ZeRO-2 | ZeRO-3 |", "|---|---:|---:|"]
     z2, z3 = training_memory_gb(params, n, 2), training_memory_gb(params, n, 3)

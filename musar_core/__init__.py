@@ -5,10 +5,10 @@ Pure PyTorch + diffusers + peft; this package never imports Ray.
 
 from .conditions import ConditionTokens, condition_image_ids, image_ids, pack_latents, text_ids, unpack_latents
 from .config import MusarConfig
-from .pipeline import MUSARPipeline, MUSARPipelineOutput, RoutingTrace
-from .subjects import Subject
 from .layout import PROMPT, TARGET, TokenLayout, cond_group
+from .pipeline import MUSARPipeline, MUSARPipelineOutput, RoutingTrace
 from .routing import AttentionRouter, RoutingRecord, RoutingRules
+from .subjects import Subject
 from .transformer import MusarOutput, MusarTransformer
 
 __all__ = [

@@ -45,7 +45,7 @@ STRICT_FIELDS = (
     "single_block_targets", "shared_lora", "static_routing", "isolate_conditions", "rope_scheme",
 )  # fmt: skip
 # Inference-time choices: a mismatch is allowed (e.g. the dynamic-routing ablation) but logged.
-ADVISORY_FIELDS = ("dynamic_routing", "condition_size", "condition_prompt_max_tokens")
+ADVISORY_FIELDS = ("dynamic_routing", "condition_size", "condition_compaction", "condition_prompt_max_tokens")
 
 
 def base_config_hash(transformer_or_config) -> str:

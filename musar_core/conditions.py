@@ -23,9 +23,19 @@ def image_ids(height: int, width: int, plane: int = 0, device=None, dtype=torch.
     return torch.stack([planes, rows, cols], dim=-1).reshape(height * width, 3)
 
 
-def condition_image_ids(k: int, height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """RoPE ids of condition k's image tokens: plane k + 1 (scheme ``plane_offset_v1``)."""
-    return image_ids(height, width, plane=k + 1, device=device, dtype=dtype)
+def condition_image_ids(
+    k: int, height: int, width: int, device=None, dtype=torch.float32, compaction: int = 1
+) -> torch.Tensor:
+    """RoPE ids of condition k's image tokens: plane k + 1 (scheme ``plane_offset_v1``).
+
+    With ``compaction`` f > 1 the grid is a reference encoded f times smaller: each token stands for
+    an f x f patch of the full grid and sits at that patch's centre (row * f + (f - 1) / 2), so the
+    compact reference spans the positions a full-size one would.
+    """
+    ids = image_ids(height, width, plane=k + 1, device=device, dtype=dtype)
+    if compaction != 1:
+        ids[:, 1:] = ids[:, 1:] * compaction + (compaction - 1) / 2
+    return ids
 
 
 def text_ids(length: int, device=None, dtype=torch.float32) -> torch.Tensor:

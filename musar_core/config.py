@@ -68,6 +68,10 @@ class MusarConfig:
 
     rope_scheme: str = ROPE_SCHEME_PLANE_OFFSET
     condition_size: int = 512
+    # Compact conditions (as OminiControl2 and UNO do for several references): encode references at
+    # condition_size / f and scale their RoPE positions by f, so a compact reference spans the same
+    # position range as a full one with 1/f^2 of the tokens. 1 = the paper's full-size conditions.
+    condition_compaction: int = 1
     condition_prompt_max_tokens: int = 64
     # "routed": block-sparse execution, no dense mask; "reference": explicit boolean mask + SDPA.
     attention_impl: str = "routed"
@@ -75,7 +79,7 @@ class MusarConfig:
     attention_backend: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("subject_rank", "noise_rank", "condition_size", "condition_prompt_max_tokens"):
+        for name in ("subject_rank", "noise_rank", "condition_size", "condition_compaction", "condition_prompt_max_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"MusarConfig.{name} must be a positive integer, got {value!r}")
@@ -90,10 +94,21 @@ class MusarConfig:
             )
         if self.condition_size % 16:
             raise ValueError(f"MusarConfig.condition_size must be a multiple of 16, got {self.condition_size}")
+        if self.condition_size % (16 * self.condition_compaction):
+            raise ValueError(
+                f"MusarConfig.condition_compaction={self.condition_compaction} leaves a {self.condition_size}px reference "
+                f"at {self.condition_size / self.condition_compaction:g}px, not a multiple of 16: choose a factor that "
+                "divides condition_size / 16"
+            )
         if self.dynamic_routing_layers is not None:
             object.__setattr__(self, "dynamic_routing_layers", tuple(int(i) for i in self.dynamic_routing_layers))
         object.__setattr__(self, "double_block_targets", tuple(self.double_block_targets))
         object.__setattr__(self, "single_block_targets", tuple(self.single_block_targets))
+
+    @property
+    def encoded_condition_size(self) -> int:
+        """The pixel size references are encoded at (condition_size / condition_compaction)."""
+        return self.condition_size // self.condition_compaction
 
     @property
     def subject_scale(self) -> float:

@@ -124,19 +124,26 @@ def encode_conditions(
     *,
     condition_size: int = 512,
     max_prompt_tokens: int = 64,
+    compaction: int = 1,
 ) -> ConditionTokens:
-    """Conditions for a batch: ``images[k][b]`` and ``prompts[k][b]`` are condition k of sample b."""
+    """Conditions for a batch: ``images[k][b]`` and ``prompts[k][b]`` are condition k of sample b.
+
+    ``compaction`` f: references are encoded at ``condition_size / f`` with RoPE positions scaled by f
+    (``MusarConfig.condition_compaction``).
+    """
+    if condition_size % (16 * compaction):
+        raise ValueError(f"condition_size {condition_size} / compaction {compaction} is not a multiple of 16")
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} condition image lists but {len(prompts)} condition prompt lists")
     out = ConditionTokens([], [], [], [], prompt_mask=[])
     for k, (imgs, texts) in enumerate(zip(images, prompts)):
         if len(imgs) != len(texts):
             raise ValueError(f"condition {k}: {len(imgs)} images but {len(texts)} prompts")
-        pixels = torch.stack([reference_tensor(im, condition_size) for im in imgs])
+        pixels = torch.stack([reference_tensor(im, condition_size // compaction) for im in imgs])
         latents, (rows, cols) = encode_images(enc.vae, pixels)
         embeds, mask = _t5(enc, texts, max_prompt_tokens, pad_to_max=False)
         out.image_latents.append(latents)
-        out.image_ids.append(condition_image_ids(k, rows, cols, device=latents.device))
+        out.image_ids.append(condition_image_ids(k, rows, cols, device=latents.device, compaction=compaction))
         out.prompt_embeds.append(embeds)
         out.prompt_mask.append(None if bool(mask.all()) else mask)
         out.pooled.append(clip_pooled(enc, texts))

@@ -28,6 +28,7 @@ class EncodedBatch:
     txt_ids: torch.Tensor  # (m, 3)
     conditions: ConditionTokens | None = None
     phrase_spans: torch.Tensor | None = None  # (B, c, 2)
+    prompt_mask: torch.Tensor | None = None  # (B, m): real prompt tokens, when padded (pre-encoded data)
 
     @property
     def size(self) -> int:
@@ -61,5 +62,6 @@ def flow_matching_loss(
         guidance=torch.full((batch.size,), float(guidance), device=x0.device, dtype=x0.dtype),
         conditions=batch.conditions,
         phrase_spans=batch.phrase_spans,
+        prompt_mask=batch.prompt_mask,
     ).sample
     return F.mse_loss(pred.float(), target.float())

@@ -180,7 +180,8 @@ class MUSARPipeline:
                 texts = [[subs[k].prompt for subs in per_prompt for _ in range(repeat)] for k in range(c)]
                 cfg = self.transformer.config
                 conditions = encode_conditions(enc, images, texts, condition_size=cfg.condition_size,
-                                               max_prompt_tokens=cfg.condition_prompt_max_tokens)  # fmt: skip
+                                               max_prompt_tokens=cfg.condition_prompt_max_tokens,
+                                               compaction=cfg.condition_compaction)  # fmt: skip
         prompt_embeds = prompt_embeds.repeat_interleave(repeat, 0).to(device)
         pooled = pooled.repeat_interleave(repeat, 0).to(device)
         phrase_spans = torch.tensor([s for s in spans for _ in range(repeat)], device=device) if c else None

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from .blocks import BlockContext, double_block_forward, single_block_forward
 from .conditions import ConditionTokens, text_ids
 from .config import MusarConfig
-from .layout import TokenLayout, cond_group, PROMPT, TARGET
+from .layout import PROMPT, TARGET, TokenLayout, cond_group
 from .lora import inject_adapters, lora_parameters, row_plan
 from .routing import AttentionRouter, ConditionCache, RoutingRecord, RoutingRules, dispatch_attend
 
@@ -111,6 +111,7 @@ class MusarTransformer(nn.Module):
         return_routing: bool = False,
         output_hidden_states: bool = False,
         condition_cache: ConditionCache | None = None,
+        prompt_mask: torch.Tensor | None = None,
     ) -> MusarOutput:
         """Velocity for the target tokens, shapes as in stock FLUX (timestep and guidance in [0, 1] units).
 
@@ -118,6 +119,9 @@ class MusarTransformer(nn.Module):
         (start, length) in the prompt tokens and is required for dynamic routing when c >= 2.
         ``condition_cache`` (from :meth:`build_condition_cache`) replaces ``conditions`` for models
         trained with ``isolate_conditions``: condition tokens then leave the per-step work entirely.
+        ``prompt_mask`` (B, m) bool marks real target-prompt tokens when prompts of one batch were
+        padded to a common length (pre-encoded training data); padding is never attended. FLUX
+        itself encodes prompts padded and unmasked, which is what inference does (no mask).
         """
         t = self.transformer
         batch, n, channels = self._check_inputs(hidden_states, encoder_hidden_states, pooled_projections, img_ids, txt_ids)
@@ -126,6 +130,11 @@ class MusarTransformer(nn.Module):
                 raise ValueError("pass conditions or condition_cache, not both")
             if condition_cache.batch_size != batch:
                 raise ValueError(f"condition_cache was built for batch {condition_cache.batch_size}, got batch {batch}")
+            if prompt_mask is not None:
+                raise ValueError("prompt_mask is a training input (padded pre-encoded prompts); a condition-cached "
+                                 "step takes the prompt as FLUX encodes it, unmasked")  # fmt: skip
+        if prompt_mask is not None and prompt_mask.shape != encoder_hidden_states.shape[:2]:
+            raise ValueError(f"prompt_mask must be {tuple(encoder_hidden_states.shape[:2])}, got {tuple(prompt_mask.shape)}")
         conditions = conditions or ConditionTokens([], [], [], [])
         conditions.validate(batch, channels, t.config.joint_attention_dim, t.config.pooled_projection_dim)
         if guidance is None and t.config.guidance_embeds:
@@ -146,7 +155,7 @@ class MusarTransformer(nn.Module):
         router_kwargs = dict(record=return_routing)
         if condition_cache is not None:
             router_kwargs.update(cache=condition_cache, cached_spans=phrase_spans)
-        router = self._router(layout, conditions, batch, image.device, **router_kwargs)
+        router = self._router(layout, conditions, batch, image.device, prompt_mask=prompt_mask, **router_kwargs)
         x = self._blocks(layout, text, image, group_temb, rope, router)
         target = t.norm_out(layout.target_rows(x), temb)
         return MusarOutput(
@@ -195,14 +204,14 @@ class MusarTransformer(nn.Module):
         img_all = torch.cat([img_ids, *(i.to(img_ids) for i in conditions.image_ids)])
         return self.transformer.pos_embed(layout.to_joint(txt_all[None], img_all[None])[0])
 
-    def _router(self, layout, conditions, batch, device, **kwargs) -> AttentionRouter:
+    def _router(self, layout, conditions, batch, device, prompt_mask=None, **kwargs) -> AttentionRouter:
         return AttentionRouter(
             layout,
             self.rules,
             dynamic_layers=self.config.dynamic_routing_layers,
             impl=self.config.attention_impl,
             attend=dispatch_attend(self.config.attention_backend),
-            key_valid=self._key_valid(layout, conditions, batch, device),
+            key_valid=self._key_valid(layout, conditions, batch, device, prompt_mask),
             **kwargs,
         )
 
@@ -242,11 +251,15 @@ class MusarTransformer(nn.Module):
         return embed(timestep, pooled)
 
     @staticmethod
-    def _key_valid(layout: TokenLayout, conditions: ConditionTokens, batch: int, device) -> torch.Tensor | None:
-        masks = conditions.prompt_mask
-        if not masks or all(m is None for m in masks):
+    def _key_valid(
+        layout: TokenLayout, conditions: ConditionTokens, batch: int, device, prompt_mask: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """(B, L) joint-order key validity, or None when nothing is padded."""
+        masks = conditions.prompt_mask or [None] * len(conditions)
+        if prompt_mask is None and all(m is None for m in masks):
             return None
-        text = [torch.ones(batch, layout.prompt_len, dtype=torch.bool, device=device)]
+        text = [torch.ones(batch, layout.prompt_len, dtype=torch.bool, device=device) if prompt_mask is None
+                else prompt_mask.to(device=device, dtype=torch.bool)]  # fmt: skip
         for k, mask in enumerate(masks):
             text.append(mask.to(device=device, dtype=torch.bool) if mask is not None else torch.ones(
                 batch, layout.cond_text_lens[k], dtype=torch.bool, device=device))

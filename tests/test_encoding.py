@@ -79,3 +79,28 @@ def test_phrase_token_span(enc):
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing subfolders"):
         FluxEncoders.from_pretrained(tmp_path)
+
+
+def test_compact_conditions_encode_smaller_and_span_the_full_position_range(enc):
+    """condition_compaction=f: 1/f^2 of the tokens, RoPE positions at the centres of the full grid's
+    f x f patches, so a compact reference covers the positions a full-size one would."""
+    im = Image.new("RGB", (64, 64), (200, 30, 30))
+    full = encode_conditions(enc, [[im]], [["dog"]], condition_size=64)
+    compact = encode_conditions(enc, [[im]], [["dog"]], condition_size=64, compaction=2)
+    assert full.image_latents[0].shape[1] == 16 and compact.image_latents[0].shape[1] == 4
+    ids = compact.image_ids[0]
+    assert ids[:, 0].eq(1).all()
+    assert sorted(set(ids[:, 1].tolist())) == [0.5, 2.5]  # rows 0-1 and 2-3 of the full 4x4 grid
+    assert full.image_ids[0][:, 1:].min() == 0 and full.image_ids[0][:, 1:].max() == 3
+    with pytest.raises(ValueError, match="not a multiple of 16"):
+        encode_conditions(enc, [[im]], [["dog"]], condition_size=48, compaction=2)
+
+
+def test_compaction_config_is_validated():
+    from musar_core import MusarConfig
+
+    assert MusarConfig(condition_size=512, condition_compaction=2).encoded_condition_size == 256
+    with pytest.raises(ValueError, match="condition_compaction=3 leaves a 512px reference at 170.667px"):
+        MusarConfig(condition_size=512, condition_compaction=3)
+    with pytest.raises(ValueError, match="condition_compaction must be a positive integer"):
+        MusarConfig(condition_compaction=0)

@@ -47,6 +47,13 @@ def test_generates_with_zero_to_three_subjects(pipe, prompt, subjects):
         assert out.routing.affinity[0][0].shape == (1, 16, len(subjects))
 
 
+def test_compact_conditions_generate_with_a_quarter_of_the_reference_tokens(tiny_flux_path):
+    compact = MUSARPipeline.from_pretrained(tiny_flux_path, config=CONFIG.replace(condition_compaction=2))
+    out = compact("a dog and a cat", [Subject(ref("red"), "dog"), Subject(ref("blue"), "cat")], seed=0, **SIZE)
+    assert out.images[0].size == (64, 64)
+    assert compact.transformer.config.encoded_condition_size == 16
+
+
 def test_zero_subjects_equals_flux_pipeline(pipe, tiny_flux_path):
     from diffusers import FluxPipeline
 

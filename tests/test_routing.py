@@ -145,8 +145,8 @@ def test_dynamic_routing_on_a_hand_built_similarity():
     scale = 1 / math.sqrt(dim)
     for i in range(n):
         s = torch.stack([torch.softmax(q[0, m + i, h] @ k[0, :m, h].T * scale, 0) for h in range(heads)]).mean(0)
-        for kk, (p, l) in enumerate([(0, 2), (2, 1), (3, 3)]):
-            assert affinity[0, i, kk].item() == pytest.approx(s[p : p + l].mean().item(), rel=1e-5)
+        for kk, (p, length) in enumerate([(0, 2), (2, 1), (3, 3)]):
+            assert affinity[0, i, kk].item() == pytest.approx(s[p : p + length].mean().item(), rel=1e-5)
 
 
 def test_dense_mask_is_the_routing_rule():
@@ -232,3 +232,25 @@ def test_default_routing_isolates_per_call_not_across_the_network():
         inputs["conditions"].image_latents[1] = inputs["conditions"].image_latents[1] + 1.0
         after = _cond_outputs(model, inputs, 0)
     assert not torch.allclose(after, before)
+
+
+@pytest.mark.parametrize("impl", ["routed", "reference"])
+def test_padded_masked_prompt_equals_the_prompt_at_its_real_length(impl):
+    """Pre-encoded prompts are padded to a common length with a mask: padding must change nothing,
+    neither the attention nor dynamic routing's softmax over prompt tokens."""
+    model = MusarTransformer(tiny_transformer(), MusarConfig(attention_impl=impl)).add_lora()
+    real = make_inputs(model.transformer, batch=1, prompt_len=6, conditions=[(3, (2, 2)), (2, (2, 2))], seed=4)
+    padded = dict(real)
+    padded["encoder_hidden_states"] = torch.cat([real["encoder_hidden_states"], torch.randn(1, 4, 32) * 5], dim=1)
+    padded["txt_ids"] = torch.zeros(10, 3)
+    mask = torch.tensor([[True] * 6 + [False] * 4])
+    with torch.no_grad():
+        want = model(**real, return_routing=True)
+        got = model(**padded, prompt_mask=mask, return_routing=True)
+        unmasked = model(**padded).sample
+    torch.testing.assert_close(got.sample, want.sample, atol=1e-5, rtol=1e-5)
+    for layer, routes in want.routing.routes.items():
+        assert torch.equal(got.routing.routes[layer], routes)
+    assert not torch.allclose(unmasked, want.sample, atol=1e-3)  # the padding was live without the mask
+    with pytest.raises(ValueError, match=r"prompt_mask must be \(1, 10\)"):
+        model(**padded, prompt_mask=mask[:, :6])
