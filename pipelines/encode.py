@@ -9,10 +9,14 @@ Per sample, one safetensors blob in the ``tensors`` column of ``encoded/<dataset
   ``[rows, cols]`` of the packed grid;
 - ``condition_t5_<k>`` / ``target_t5``: T5 hidden states at the prompt's *real* token length
   (encoded with an attention mask, then cut: a padded 512 x 4096 bf16 prompt would be 4 MiB);
-- ``condition_clip_<k>`` / ``target_clip``: CLIP pooled vectors.
+- ``condition_clip_<k>`` / ``target_clip``: CLIP pooled vectors;
+- ``phrase_spans`` (multi-condition samples): ``(c, 2)`` (start, length) of each condition prompt's
+  T5 tokens inside the target prompt, for dynamic routing.
 
 Note for readers: FluxPipeline encodes the *target* prompt padded to 512 tokens without a mask, so
-its real-token states also saw the padding; these cut, masked states are not bit-identical to that.
+its real-token states also saw the padding; these cut, masked states are not bit-identical to that,
+and training on them (``training.encoded``) feeds the prompt at its real length, padded only to the
+micro-batch's longest with a key mask, where image-based training feeds FLUX's padded 512 tokens.
 
 Tensors are stored as ``storage_dtype`` (bf16 by default). Each actor holds one copy of the
 encoders; with GPUs in the cluster there is one actor per GPU (``num_gpus=1``), else CPU actors.
@@ -90,6 +94,16 @@ class SampleEncoder:
             states = self.enc.text_encoder_2(tok.input_ids.to(self.device), attention_mask=mask)[0]
         return [states[i, : int(n)] for i, n in enumerate(mask.sum(1).tolist())]
 
+    def token_span(self, prompt: str, start: int, end: int) -> tuple[int, int]:
+        """(start, length) in T5 tokens; (-1, 0) when the phrase lies beyond the token limit (training
+        refuses such a sample by name, as it would when encoding the images itself)."""
+        from musar_core.encoding import phrase_token_span
+
+        try:
+            return phrase_token_span(self.enc.tokenizer_2, prompt, start, end, self.prompt_max)
+        except ValueError:
+            return (-1, 0)
+
     def latents(self, images: list) -> list:
         """Packed latents per image; images of equal size are encoded together."""
         from musar_core.encoding import encode_images
@@ -141,6 +155,9 @@ class SampleEncoder:
         for r, named in enumerate(tensors):
             stored = {name: t.detach().to("cpu", self.storage).contiguous() for name, t in named.items()}
             stored["target_grid"] = torch.tensor(target_latents[r][1], dtype=torch.int64)
+            spans = rows[r]["condition_spans"]
+            if spans and len(rows[r]["condition_images"]) >= 2:
+                stored["phrase_spans"] = torch.tensor([self.token_span(rows[r]["target_prompt"], a, b) for a, b in spans])
             blobs.append(save(stored))
         return pa.table({
             "sample_id": batch.column("sample_id"), "dataset": batch.column("dataset"),

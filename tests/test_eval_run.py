@@ -11,13 +11,13 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from helpers import randomize_lora
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from evaluation.generate import generate_images, image_path
 from evaluation.metric_models import MetricModelError, build_tiny_clip, build_tiny_dino
 from evaluation.run import EvalConfig, EvalTrackingConfig, plan_eval, run_eval
-from helpers import randomize_lora
 from musar.cli import job_main
 from musar_core import MusarConfig, MusarTransformer
 

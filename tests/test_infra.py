@@ -133,8 +133,8 @@ def test_dockerfiles_copy_what_exists():
 def test_rayservice_serve_config_validates_and_builds():
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.config import ServeAppConfig
     from musar.config import from_dict
+    from serve.config import ServeAppConfig
 
     (_, service), = by_kind("RayService")
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])

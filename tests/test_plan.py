@@ -3,7 +3,14 @@
 import pytest
 
 from musar.cli import main
-from musar.plan import ACT_TENSORS_PER_TOKEN_LAYER, ParamCounts, activation_gb, count_parameters, sample_tokens, training_memory_gb
+from musar.plan import (
+    ACT_TENSORS_PER_TOKEN_LAYER,
+    ParamCounts,
+    activation_gb,
+    count_parameters,
+    sample_tokens,
+    training_memory_gb,
+)
 from musar_core import MusarConfig
 from musar_core.config import DOUBLE_BLOCK_LORA_TARGETS, SINGLE_BLOCK_LORA_TARGETS
 

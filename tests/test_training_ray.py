@@ -3,9 +3,9 @@
 import mlflow
 import pytest
 import torch
+from shard_factory import write_training_shards
 
 from musar_core import MusarTransformer
-from shard_factory import write_training_shards
 from training.config import TrainConfig
 from training.driver import run_stage
 

@@ -120,8 +120,8 @@ def test_shipped_configs_resolve_and_validate():
 
 
 def test_stage_two_without_previous_lora_is_refused(tmp_path):
-    from training.driver import resolve_init_lora
     from musar_core.tiny import build_tiny_flux
+    from training.driver import resolve_init_lora
 
     model_dir = build_tiny_flux(tmp_path / "m")
     with pytest.raises(ValueError, match="stage 2 starts from stage 1's LoRA"):

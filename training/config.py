@@ -13,6 +13,7 @@ from pathlib import Path
 from musar_core import MusarConfig
 
 STAGE_STEPS = {1: 20_000, 2: 10_000, 3: 10_000}
+DATA_SOURCES = ("auto", "encoded", "images")
 # stage -> (dataset folder, share of micro-batches) ; shares of a stage add up to 1
 STAGE_DATA = {
     1: (("single", 1.0),),
@@ -27,6 +28,9 @@ class DataConfig:
     target_size: int = 512  # single-subject target side; diptych targets are 2x as wide
     diptych_fraction: float | None = None  # stage 2's diptych share of micro-batches (None: 0.8)
     max_prompt_tokens: int = 512  # T5 tokens of the target prompt (FLUX.1-dev: 512)
+    # "auto": the shards' pre-encoded tensors (encoded/) when the build wrote them for this model and
+    # sizes, else images; "encoded": require them; "images": always encode images on the workers.
+    source: str = "auto"
 
 
 @dataclass
@@ -107,6 +111,8 @@ class TrainConfig:
         frac = self.data.diptych_fraction
         if frac is not None and not 0.0 <= frac <= 1.0:
             raise ValueError(f"data.diptych_fraction must lie in [0, 1], got {frac}")
+        if self.data.source not in DATA_SOURCES:
+            raise ValueError(f"data.source must be one of {DATA_SOURCES}, got {self.data.source!r}")
         if self.data.target_size % 16:
             raise ValueError(f"data.target_size must be a multiple of 16, got {self.data.target_size}")
 

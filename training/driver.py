@@ -64,14 +64,44 @@ def check_shards(cfg: TrainConfig) -> tuple[Path, str | None]:
     for name, _ in cfg.data_mix():
         if not any((root / name).glob("*.parquet")):
             raise FileNotFoundError(f"data.shards: {root / name} holds no parquet shards (run `musar data build`)")
-    manifest = root / "manifest.json"
+    data = _manifest(root)
     fingerprint = None
-    if manifest.is_file():  # the data build's per-dataset content hashes, reduced to one fingerprint
-        data = json.loads(manifest.read_text())
+    if data:  # the data build's per-dataset content hashes, reduced to one fingerprint
         hashes = {name: d.get("hash") for name, d in sorted(data.get("datasets", {}).items())}
         fingerprint = data.get("fingerprint") or (hashlib.sha256(json.dumps(hashes).encode()).hexdigest()[:16]
                                                   if hashes else None)  # fmt: skip
     return root, fingerprint
+
+
+def _manifest(root: Path) -> dict:
+    path = root / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def resolve_data_source(cfg: TrainConfig, root: Path, model_dir: Path) -> tuple[str, str]:
+    """("encoded" or "images", why). Pre-encoded tensors are used when the build wrote them for every
+    dataset of the stage, with this model's encoders and the reference size this job trains at."""
+    encoded = _manifest(root).get("encoded") or {}
+    problems = []
+    if not encoded:
+        problems.append("the shards hold no pre-encoded tensors (build with encode=true)")
+    else:
+        missing = [name for name, _ in cfg.data_mix() if not any((root / "encoded" / name).glob("*.parquet"))]
+        if missing:
+            problems.append(f"no encoded shards for {missing}")
+        size = cfg.musar.encoded_condition_size
+        if encoded.get("condition_size") != size:
+            problems.append(f"references were encoded at {encoded.get('condition_size')}px but musar.condition_size / "
+                            f"condition_compaction gives {size}px")  # fmt: skip
+        if Path(str(encoded.get("model"))).resolve() != model_dir:
+            problems.append(f"they were encoded with {encoded.get('model')}, this job trains {model_dir}")
+    if cfg.data.source == "images":
+        return "images", "data.source=images"
+    if not problems:
+        return "encoded", f"pre-encoded tensors in {root / 'encoded'}"
+    if cfg.data.source == "encoded":
+        raise ValueError("data.source=encoded, but " + "; ".join(problems))
+    return "images", "images (" + "; ".join(problems) + ")"
 
 
 def run_stage(cfg: TrainConfig) -> StageResult:
@@ -85,6 +115,8 @@ def run_stage(cfg: TrainConfig) -> StageResult:
     model_dir = resolve_flux_dir(cfg.model)
     shards, fingerprint = check_shards(cfg)
     init_lora = resolve_init_lora(cfg, model_dir)
+    source, why = resolve_data_source(cfg, shards, model_dir)
+    print(f"stage {cfg.stage}: training on {why}")
     output = Path(cfg.output_dir).expanduser().resolve()
     storage = cfg.resolved_storage()
     cfg.tracking.tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
@@ -93,13 +125,15 @@ def run_stage(cfg: TrainConfig) -> StageResult:
     train_cpus = cfg.num_workers * cfg.cpus_per_worker
     ensure_ray(min_cpus=train_cpus + 2)
     check_room_for_data(train_cpus)
-    datasets = {name: ray.data.read_parquet(str(shards / name)) for name, _ in cfg.data_mix()}
+    data_root = shards / "encoded" if source == "encoded" else shards
+    datasets = {name: ray.data.read_parquet(str(data_root / name)) for name, _ in cfg.data_mix()}
     name = f"stage{cfg.stage}-{run_id or 'untracked'}"
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "train": to_dict(cfg), "model_dir": str(model_dir), "init_lora_dir": str(init_lora) if init_lora else None,
             "mlflow_run_id": run_id, "data_fingerprint": fingerprint, "storage_path": str(Path(storage) / name),
+            "data_source": source,
         },  # fmt: skip
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),  # fmt: skip

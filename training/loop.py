@@ -23,6 +23,7 @@ from musar.config import from_dict
 from .batches import encode_samples, samples_from_batch
 from .checkpoints import read_checkpoint, write_checkpoint
 from .config import TrainConfig
+from .encoded import encoded_batch, pixels_per_token
 
 
 def _seed(*parts) -> int:
@@ -75,9 +76,12 @@ def train_loop_per_worker(config: dict) -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
 
     torch.manual_seed(cfg.seed)  # identical fresh-LoRA initialisation on every rank
-    enc = FluxEncoders.from_pretrained(config["model_dir"])
-    for module in (enc.vae, enc.text_encoder, enc.text_encoder_2):
-        module.to(device).requires_grad_(False)
+    enc = None  # pre-encoded data needs no encoders on the worker
+    token_pixels = pixels_per_token(config["model_dir"])
+    if config.get("data_source", "images") == "images":
+        enc = FluxEncoders.from_pretrained(config["model_dir"])
+        for module in (enc.vae, enc.text_encoder, enc.text_encoder_2):
+            module.to(device).requires_grad_(False)
     model = MusarTransformer.from_pretrained(config["model_dir"], config=cfg.musar)
     model.requires_grad_(False)
     if config.get("init_lora_dir"):
@@ -111,11 +115,13 @@ def train_loop_per_worker(config: dict) -> None:
         losses, kinds = [], []
         for micro in range(cfg.grad_accum):
             name = choose_dataset(cfg, step, micro)
-            samples = samples_from_batch(next(streams[name]))
-            batch = encode_samples(samples, enc, target_size=cfg.data.target_size,
-                                   condition_size=cfg.musar.condition_size, max_prompt_tokens=cfg.data.max_prompt_tokens,
-                                   max_condition_prompt_tokens=cfg.musar.condition_prompt_max_tokens,
-                                   device=device, dtype=dtype)  # fmt: skip
+            sizes = dict(target_size=cfg.data.target_size, condition_size=cfg.musar.condition_size,
+                         compaction=cfg.musar.condition_compaction, max_prompt_tokens=cfg.data.max_prompt_tokens,
+                         max_condition_prompt_tokens=cfg.musar.condition_prompt_max_tokens, device=device, dtype=dtype)  # fmt: skip
+            if enc is None:
+                batch = encoded_batch(next(streams[name]), pixels_per_token=token_pixels, **sizes)
+            else:
+                batch = encode_samples(samples_from_batch(next(streams[name])), enc, **sizes)
             generator = torch.Generator().manual_seed(_seed(cfg.seed, "noise", step, micro, rank))
             loss = flow_matching_loss(engine, batch, generator=generator, guidance=1.0)
             engine.backward(loss)
