@@ -30,6 +30,9 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("generate",): ("musar.generate:GenerateConfig:run_generate", "generate an image with subjects (MUSARPipeline)"),
     ("data", "synth"): ("pipelines.synthetic:SynthConfig:write_synthetic", "write a synthetic Subject200K-format set"),
     ("data", "build"): ("pipelines.build:DataBuildConfig:build_shards", "Subject200K -> single/diptych shards (Ray Data)"),
+    ("toy", "base"): ("toystudy.base:ToyBaseConfig:build_toy_base", "pre-train the toy study's base model (world scenes)"),
+    ("toy", "study"): ("toystudy.study:StudyConfig:run_study", "MUSAR vs its ablations at toy scale (needs a toy base)"),
+    ("toy", "data"): ("toystudy.subject200k:ToyDataConfig:write_toy_subject200k", "toy single-subject Subject200K set"),
 }
 
 _SCALARS = (int, float, str, bool, Path)

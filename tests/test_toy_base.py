@@ -1,0 +1,52 @@
+"""The toy study's base model builder, at micro scale: a loadable FLUX folder with a word-level T5."""
+
+import json
+
+import pytest
+
+from musar_core import MusarConfig, MUSARPipeline, Subject
+from musar_core.encoding import phrase_token_span
+from toystudy.base import ToyBaseConfig, build_toy_base, word_t5_tokenizer
+from toystudy.world import VOCABULARY, describe_panel, sample_scene
+from toystudy.world import Subject as ToySubject
+
+
+def test_word_tokenizer_gives_one_token_per_world_word():
+    import numpy as np
+
+    tok = word_t5_tokenizer()
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scene = sample_scene(rng, 3)
+        for text in (scene.prompt, describe_panel(scene.placements[0], scene.background, rng)):
+            pieces = tok.tokenize(text)
+            assert "<unk>" not in tok.convert_ids_to_tokens(tok(text).input_ids)
+            assert len(pieces) == len(text.replace(",", " ,").replace(".", " .").split())
+    phrase = ToySubject("star", "blue", "dotted").phrase
+    prompt = f"a red solid circle on the left and {phrase} on the right, on a white background"
+    start = prompt.index(phrase)
+    assert phrase_token_span(tok, prompt, start, start + len(phrase), 96) == (8, 4)
+    assert len(VOCABULARY) < len(tok)
+
+
+def test_micro_base_builds_and_loads_like_flux(tmp_path):
+    cfg = ToyBaseConfig(output=str(tmp_path / "base"), scenes=24, vae_steps=2, vae_batch=4, steps=3, batch=4,
+                        log_every=1, time_budget_min=None)  # fmt: skip
+    out = build_toy_base(cfg)
+    info = json.loads((out / "toy_base.json").read_text())
+    assert info["steps_done"] == 3 and len(info["loss_curve"]) == 3
+    pipe = MUSARPipeline.from_pretrained(out, config=MusarConfig(condition_size=64, subject_rank=4, noise_rank=2))
+    assert pipe.encoders.pixels_per_token == 8  # 4x VAE: a 64 px panel is 8 x 8 tokens
+    from PIL import Image
+
+    ref = Image.new("RGB", (64, 64), "red")
+    image = pipe("a red solid circle and a blue dotted star, on a white background",
+                 [Subject(ref, "a red solid circle"), Subject(ref, "a blue dotted star")],
+                 height=64, width=64, num_inference_steps=2, guidance_scale=1.0, seed=0).images[0]  # fmt: skip
+    assert image.size == (64, 64)
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        build_toy_base(cfg)
+    more = build_toy_base(ToyBaseConfig(**{**cfg.__dict__, "output": str(tmp_path / "more"), "steps": 2,
+                                           "resume_from": str(out)}))  # fmt: skip
+    info = json.loads((more / "toy_base.json").read_text())
+    assert info["steps_done"] == 2 and info["total_steps"] == 5 and info["resumed_from"]["steps"] == 3

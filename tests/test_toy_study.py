@@ -1,0 +1,45 @@
+"""The toy study's short version: every variant trained through the real jobs, judged, tabulated."""
+
+import json
+
+import mlflow
+import pytest
+
+from toystudy.base import ToyBaseConfig, build_toy_base
+from toystudy.study import VARIANTS, StudyConfig, evaluation_cases, run_study
+
+pytestmark = pytest.mark.slow
+
+
+def test_evaluation_cases_name_distinct_shapes_of_held_out_subjects(tmp_path):
+    cfg = StudyConfig(output=str(tmp_path), eval_cases=5)
+    cases = evaluation_cases(cfg)
+    assert [len(c.subjects) for c in cases] == [1] * 5 + [2] * 5 + [3] * 5
+    assert all(len({s.shape for s in c.subjects}) == len(c.subjects) for c in cases)
+    assert cases == evaluation_cases(cfg)  # fixed before any run
+    assert "colour" not in cases[-1].prompt and all(p in cases[-1].prompt for p in cases[-1].phrases)
+    with pytest.raises(ValueError, match="unknown variants"):
+        StudyConfig(variants=("full", "no_routing"))
+
+
+def test_short_study_produces_the_table(tmp_path, ray_local):
+    base = build_toy_base(ToyBaseConfig(output=str(tmp_path / "base"), scenes=24, vae_steps=2, vae_batch=4, steps=2,
+                                        batch=4, log_every=1, time_budget_min=None))  # fmt: skip
+    cfg = StudyConfig(base=str(base), output=str(tmp_path / "study"), seeds=(0,), rows=24, held_out=6,
+                      stage_steps=(1, 1, 1), micro_batch_size=2, eval_cases=1, eval_seeds=1, inference_steps=2,
+                      tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")  # fmt: skip
+    report = run_study(cfg)
+    text = report.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["base (untrained)", "base, subjects described in words", *VARIANTS]
+    results = json.loads((report.parent / "results.json").read_text())["results"]
+    for name, runs in results.items():
+        assert all(set(run) == {"1", "2", "3"} for run in runs), name
+        assert all(0 <= run[n]["fidelity"] <= 1 for run in runs for n in run)
+    assert (report.parent / "samples.png").is_file()
+    client = mlflow.tracking.MlflowClient(cfg.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("musar-toy-study").experiment_id],
+                              filter_string="attributes.run_name = 'toy-study'")  # fmt: skip
+    assert len(runs) == 1 and "full.fidelity_2" in runs[0].data.metrics
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        run_study(cfg)

@@ -1,0 +1,104 @@
+"""Subject fidelity and entanglement, read from generated images (never from the model).
+
+For one case (an image and the 1-3 subjects its prompt asked for), the detector's objects are
+matched one-to-one to the requested subjects:
+
+* **Matching rule.** A subject may only take a detection of its own shape (shape first: a shape is
+  what the subject *is*; colour and pattern are what can leak). Among all one-to-one assignments
+  (a subject may stay unmatched) the one with the highest total score wins, scoring each pair
+  ``4 * exact + same colour + same pattern``, so exact matches come first and then the most
+  shared attributes. Ties go to the earlier assignment in detector order (largest object first),
+  so the rule is deterministic. Cases have at most 3 subjects, so every assignment is tried.
+* **present**: the matched detection has the subject's shape, colour and pattern.
+* **entangled**: the matched detection (subject's shape) carries another requested subject's
+  colour or pattern in place of its own: ``colour == other.colour != own.colour`` or the same for
+  pattern. Attributes two subjects share cannot leak, so they never count.
+
+Unmatched detections (extra or duplicated objects) count for neither. :func:`aggregate` averages
+``present`` (fidelity) and ``entangled`` (entanglement) over every requested subject, separately
+for 1-, 2- and 3-subject cases; entanglement is 0 by definition for single subjects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from itertools import product
+
+from .detector import Detection, detect
+from .world import Subject
+
+MAX_CANDIDATES = 6  # detections of one shape considered per subject (largest first)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    subject: Subject
+    detection: Detection | None  # the matched detection, None when no object of its shape was matched
+    present: bool
+    entangled: bool
+
+
+def _pair_score(subject: Subject, det: Detection) -> int:
+    colour, pattern = det.colour == subject.colour, det.pattern == subject.pattern
+    return 4 * (colour and pattern) + colour + pattern
+
+
+def match(subjects: Sequence[Subject], detections: Sequence[Detection]) -> list[Detection | None]:
+    """One detection (or None) per subject: the best-scoring one-to-one assignment within shapes."""
+    options = []
+    for s in subjects:
+        same = [i for i, d in enumerate(detections) if d.shape == s.shape][:MAX_CANDIDATES]
+        options.append([*same, None])
+    best, best_score = [None] * len(subjects), -1
+    for choice in product(*options):
+        taken = [i for i in choice if i is not None]
+        if len(taken) != len(set(taken)):
+            continue
+        score = sum(_pair_score(s, detections[i]) for s, i in zip(subjects, choice) if i is not None)
+        if score > best_score:
+            best, best_score = list(choice), score
+    return [None if i is None else detections[i] for i in best]
+
+
+def judge(subjects: Sequence[Subject], detections: Sequence[Detection]) -> list[Outcome]:
+    """``present`` / ``entangled`` per requested subject, given the image's detections."""
+    if len(set(subjects)) != len(subjects):
+        raise ValueError(f"requested subjects must be distinct: {subjects}")
+    outcomes = []
+    for s, det in zip(subjects, match(subjects, detections)):
+        present = entangled = False
+        if det is not None:
+            present = (det.colour, det.pattern) == (s.colour, s.pattern)
+            others = [o for o in subjects if o != s]
+            entangled = any(
+                (det.colour == o.colour != s.colour) or (det.pattern == o.pattern != s.pattern) for o in others
+            )
+        outcomes.append(Outcome(s, det, present, entangled))
+    return outcomes
+
+
+def measure(image, subjects: Sequence[Subject]) -> list[Outcome]:
+    """Detect the objects in ``image`` and judge each requested subject (see the module docstring)."""
+    return judge(subjects, detect(image))
+
+
+def aggregate(cases: Iterable[Sequence[Outcome]]) -> dict[int, dict[str, float]]:
+    """Per number of subjects: fidelity (mean present), entanglement (mean entangled) over subjects,
+    all_present (share of cases with every subject present), and the case and subject counts."""
+    groups: dict[int, list[Sequence[Outcome]]] = {}
+    for case in cases:
+        if not case:
+            raise ValueError("a case needs at least one requested subject")
+        groups.setdefault(len(case), []).append(case)
+    table = {}
+    for n in sorted(groups):
+        flat = [o for case in groups[n] for o in case]
+        table[n] = {
+            "fidelity": sum(o.present for o in flat) / len(flat),
+            "entanglement": sum(o.entangled for o in flat) / len(flat),
+            "all_present": sum(all(o.present for o in case) for case in groups[n]) / len(groups[n]),
+            "cases": len(groups[n]),
+            "subjects": len(flat),
+        }
+    return table

@@ -1,0 +1,316 @@
+"""The toy-scale study: MUSAR and its section-4.4 ablations, trained with the real jobs, judged from images.
+
+One command (``musar toy study``) runs, on top of a toy base model (``musar toy base``):
+
+1. customisation data in Subject200K format with single subjects only (``toystudy.subject200k``;
+   condition prompts name the shape alone, so colour and pattern must come from the reference), with
+   the evaluation subjects held out, and the data pipeline's shards (``pipelines.build``);
+2. per variant and training seed, the curriculum stages through the training job's own driver
+   (``training.driver.run_stage``: Ray Train + DeepSpeed on CPU), each stage from the previous LoRA:
+   - ``full``: stages 1-3 (single; 80% random diptych + 20% single; same-category diptych);
+   - ``no_diptych``: stage 1 only, for all the steps (single-subject data alone);
+   - ``no_bias_mitigation``: stages 1-3 without static routing and with one shared LoRA;
+   - ``no_dynamic``: stages 1-3 without dynamic routing;
+3. generation of fixed cases with 1, 2 and 3 held-out subjects (references rendered alone, prompt
+   naming each subject by its shape and place), judged by ``toystudy.measure`` (detector, not model);
+   the untrained base is judged too: with the shape-only prompt (the floor) and with every subject
+   described in words (whether the base can draw the world at all);
+4. a table (fidelity and entanglement per subject count, mean and spread over training seeds) and a
+   sample figure (Figure 8's layout), in ``report.md`` and one MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .world import ALL_SUBJECTS, BACKGROUNDS, Placement, Subject, render_scene, sample_placements
+
+VARIANTS: dict[str, dict] = {
+    "full": {"stages": (1, 2, 3), "musar": {}},
+    "no_diptych": {"stages": (1,), "musar": {}},
+    "no_bias_mitigation": {"stages": (1, 2, 3), "musar": {"static_routing": False, "shared_lora": True}},
+    "no_dynamic": {"stages": (1, 2, 3), "musar": {"dynamic_routing": False}},
+}
+BASE = "base (untrained)"
+BASE_TEXT = "base, subjects described in words"
+
+
+@dataclass
+class StudyConfig:
+    base: str = "outputs/toy/base"  # `musar toy base` output
+    output: str = "outputs/toy/study"
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    rows: int = 240  # toy Subject200K rows (one subject, two scenes each)
+    held_out: int = 24  # evaluation subjects never seen in training
+    stage_steps: tuple[int, int, int] = (60, 30, 30)
+    micro_batch_size: int = 4
+    lr: float = 1e-3
+    subject_rank: int = 16
+    noise_rank: int = 4
+    num_workers: int = 1
+    cpus_per_worker: int = 2
+    eval_cases: int = 8  # per subject count (1, 2, 3)
+    eval_seeds: int = 2
+    inference_steps: int = 16
+    figure_cases: int = 4
+    tracking_uri: str = "sqlite:///outputs/toy/mlflow.db"
+    experiment: str = "musar-toy-study"
+    seed: int = 0
+    overwrite: bool = False
+    notes: str = ""  # written into the report (e.g. what changed in the world and why)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.variants) - set(VARIANTS))
+        if unknown:
+            raise ValueError(f"unknown variants {unknown}: choose from {sorted(VARIANTS)}")
+        if len(self.stage_steps) != 3 or min(self.stage_steps) < 1:
+            raise ValueError(f"stage_steps needs three positive step counts, got {self.stage_steps}")
+        if not self.seeds:
+            raise ValueError("seeds must name at least one training seed")
+        if not 3 <= self.held_out < len(ALL_SUBJECTS):
+            raise ValueError(f"held_out must lie in [3, {len(ALL_SUBJECTS) - 1}], got {self.held_out}")
+
+
+# -------------------------------------------------------------------------------------- evaluation
+@dataclass(frozen=True)
+class Case:
+    subjects: tuple[Subject, ...]
+    placements: tuple[Placement, ...]
+    background: str
+
+    @property
+    def prompt(self) -> str:
+        parts = [f"{_article(s.shape)} {s.shape} {p.location}" for s, p in zip(self.subjects, self.placements)]
+        objects = parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+        return f"{objects}, on {BACKGROUNDS[self.background].phrase}"
+
+    @property
+    def described(self) -> str:
+        """The prompt with every subject fully described in words (what text alone can ask for)."""
+        parts = [f"{s.phrase} {p.location}" for s, p in zip(self.subjects, self.placements)]
+        objects = parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+        return f"{objects}, on {BACKGROUNDS[self.background].phrase}"
+
+    @property
+    def phrases(self) -> list[str]:
+        return [f"{_article(s.shape)} {s.shape}" for s in self.subjects]
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def held_out_subjects(cfg: StudyConfig) -> tuple[Subject, ...]:
+    rng = np.random.default_rng([cfg.seed, 7])
+    return tuple(ALL_SUBJECTS[int(i)] for i in sorted(rng.choice(len(ALL_SUBJECTS), cfg.held_out, replace=False)))
+
+
+def evaluation_cases(cfg: StudyConfig) -> list[Case]:
+    """``eval_cases`` cases per subject count, subjects of distinct shapes (a prompt names shapes)."""
+    pool, rng, cases = held_out_subjects(cfg), np.random.default_rng([cfg.seed, 8]), []
+    names = list(BACKGROUNDS)
+    for n in (1, 2, 3):
+        while sum(len(c.subjects) == n for c in cases) < cfg.eval_cases:
+            subjects = tuple(pool[int(i)] for i in rng.choice(len(pool), n, replace=False))
+            if len({s.shape for s in subjects}) < n:
+                continue
+            cases.append(Case(subjects, sample_placements(subjects, rng), names[int(rng.integers(len(names)))]))
+    return cases
+
+
+def reference(subject: Subject, size: int = 64) -> Image.Image:
+    """A subject's reference image: alone, centred, on white."""
+    return render_scene([subject], [Placement(0.5, 0.5, 0.5)], "white", size, np.random.default_rng(0))
+
+
+def evaluate(
+    pipe, cases: list[Case], cfg: StudyConfig, with_subjects: bool = True, described: bool = False
+) -> tuple[dict, list[Image.Image]]:
+    """Generate every case with ``eval_seeds`` seeds and judge the images; returns (table, first images).
+
+    Without subjects the prompt names shapes only (the floor); ``described`` spells out every subject."""
+    import torch
+
+    from musar_core import Subject as Ref
+
+    from .measure import aggregate, measure
+
+    outcomes, firsts = [], [None] * len(cases)
+    for n in (1, 2, 3):  # one batched call per subject count (a batch needs equal subject counts)
+        picked = [i for i, case in enumerate(cases) if len(case.subjects) == n]
+        for seed in range(cfg.eval_seeds):
+            prompts = [cases[i].described if described else cases[i].prompt for i in picked]
+            refs = [[Ref(reference(s), phrase) for s, phrase in zip(cases[i].subjects, cases[i].phrases)]
+                    for i in picked] if with_subjects else None  # fmt: skip
+            generators = [torch.Generator().manual_seed(1000 * i + seed) for i in picked]
+            images = pipe(prompts, refs, height=64, width=64, num_inference_steps=cfg.inference_steps,
+                          guidance_scale=1.0, generator=generators, progress=False).images  # fmt: skip
+            for i, image in zip(picked, images):
+                outcomes.append(measure(image, cases[i].subjects))
+                if seed == 0:
+                    firsts[i] = image
+    return aggregate(outcomes), firsts
+
+
+# --------------------------------------------------------------------------------------- training
+def _train(cfg: StudyConfig, variant: str, seed: int, shards: Path) -> Path:
+    from training.config import TrainConfig
+    from training.driver import run_stage
+
+    spec = VARIANTS[variant]
+    lora = None
+    for stage in spec["stages"]:
+        steps = sum(cfg.stage_steps) if spec["stages"] == (1,) else cfg.stage_steps[stage - 1]
+        tc = TrainConfig(stage=stage, model=cfg.base, init_lora=lora, steps=steps, micro_batch_size=cfg.micro_batch_size,
+                         grad_accum=1, num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, seed=seed,
+                         checkpoint_every=steps, log_every=max(1, steps // 10),
+                         output_dir=str(Path(cfg.output) / "train" / f"{variant}-seed{seed}"),
+                         musar=musar_config(cfg, variant))  # fmt: skip
+        tc.data.shards, tc.data.target_size, tc.data.max_prompt_tokens = str(shards), 64, 96
+        tc.optim.lr, tc.optim.warmup_steps = cfg.lr, max(1, steps // 10)
+        tc.tracking.tracking_uri, tc.tracking.experiment = cfg.tracking_uri, cfg.experiment
+        tc.tracking.run_name, tc.tracking.sample_grid = f"{variant}-seed{seed}-stage{stage}", False
+        lora = str(run_stage(tc).lora_dir)
+    return Path(lora)
+
+
+def musar_config(cfg: StudyConfig, variant: str):
+    from musar_core import MusarConfig
+
+    return MusarConfig(subject_rank=cfg.subject_rank, noise_rank=cfg.noise_rank, condition_size=64,
+                       condition_prompt_max_tokens=8, **VARIANTS[variant]["musar"])  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------- report
+def _cell(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table_markdown(results: dict[str, list[dict]]) -> str:
+    """Rows: variants; columns: fidelity for 1/2/3 subjects, entanglement for 2/3 (mean ± sd over seeds)."""
+    head = "| model | fidelity 1 | fidelity 2 | fidelity 3 | entanglement 2 | entanglement 3 | seeds |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, runs in results.items():
+        cells = [_cell([r[n]["fidelity"] for r in runs]) for n in (1, 2, 3)]
+        cells += [_cell([r[n]["entanglement"] for r in runs]) for n in (2, 3)]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(runs)} |")
+    return "\n".join(lines)
+
+
+def figure(cases: list[Case], columns: dict[str, list[Image.Image]], count: int) -> Image.Image:
+    """Figure 8's layout: per case its references, then one generated sample per model."""
+    picked = [i for i, c in enumerate(cases) if len(c.subjects) >= 2][:count]
+    names = list(columns)
+    cell = 64
+    sheet = Image.new("RGB", (cell * (3 + len(names)), cell * len(picked)), "white")
+    for row, i in enumerate(picked):
+        for k, subject in enumerate(cases[i].subjects):
+            sheet.paste(reference(subject), (k * cell, row * cell))
+        for col, name in enumerate(names):
+            sheet.paste(columns[name][i], ((3 + col) * cell, row * cell))
+    return sheet
+
+
+# -------------------------------------------------------------------------------------------- run
+def run_study(cfg: StudyConfig) -> Path:
+    """Data -> trainings -> generation -> table; returns the report's path."""
+    import mlflow
+
+    from musar.config import to_dict
+    from musar.ray_cluster import ensure_ray
+    from musar_core import MUSARPipeline
+    from pipelines.build import DataBuildConfig, build_shards
+    from pipelines.panels import PanelGeometry
+    from training.tracking import resolve_tracking_uri
+
+    from .subject200k import ToyDataConfig, write_toy_subject200k
+
+    started = time.perf_counter()
+    out = Path(cfg.output).expanduser().absolute()
+    if (out / "report.md").exists() and not cfg.overwrite:
+        raise FileExistsError(f"{out} already holds a study: pass overwrite=true to run it again")
+    base = Path(cfg.base).expanduser().absolute()
+    if not (base / "model_index.json").is_file():
+        raise FileNotFoundError(f"base: {base} is not a toy base model folder (build it with `musar toy base`)")
+    cfg.base = str(base)
+    cfg.tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
+    ensure_ray(min_cpus=cfg.num_workers * cfg.cpus_per_worker + 2)
+
+    held = held_out_subjects(cfg)
+    data = write_toy_subject200k(ToyDataConfig(output=str(out / "data"), rows=cfg.rows, seed=cfg.seed, overwrite=True,
+                                               hold_out=tuple(s.item for s in held)))  # fmt: skip
+    build_shards(DataBuildConfig(input=str(data), output=str(out / "shards"), geometry=PanelGeometry(scale=0.125),
+                                 diptych_size=(128, 64), seed=cfg.seed, overwrite=True, quiet=True))  # fmt: skip
+    timing = {"data_s": round(time.perf_counter() - started, 1)}
+
+    cases = evaluation_cases(cfg)
+    results: dict[str, list[dict]] = {}
+    samples: dict[str, list[Image.Image]] = {}
+    table, images = evaluate(MUSARPipeline.from_pretrained(base, config=musar_config(cfg, "full")), cases, cfg,
+                             with_subjects=False)  # fmt: skip
+    results[BASE], samples[BASE] = [table], images
+    table, images = evaluate(MUSARPipeline.from_pretrained(base, config=musar_config(cfg, "full")), cases, cfg,
+                             with_subjects=False, described=True)  # fmt: skip
+    results[BASE_TEXT], samples[BASE_TEXT] = [table], images
+    for variant in cfg.variants:
+        results[variant] = []
+        for seed in cfg.seeds:
+            tick = time.perf_counter()
+            lora = _train(cfg, variant, seed, out / "shards")
+            timing[f"train_{variant}_seed{seed}_s"] = round(time.perf_counter() - tick, 1)
+            pipe = MUSARPipeline.from_pretrained(base, config=musar_config(cfg, variant), lora=lora)
+            table, images = evaluate(pipe, cases, cfg)
+            results[variant].append(table)
+            samples.setdefault(variant, images)
+            print(f"[toy study] {variant} seed {seed}: " + ", ".join(
+                f"n={n}: fidelity {t['fidelity']:.2f} entanglement {t['entanglement']:.2f}" for n, t in table.items()),
+                flush=True)  # fmt: skip
+    timing["total_s"] = round(time.perf_counter() - started, 1)
+
+    markdown = table_markdown(results)
+    sheet = figure(cases, samples, cfg.figure_cases)
+    out.mkdir(parents=True, exist_ok=True)
+    sheet.save(out / "samples.png")
+    base_info = json.loads((base / "toy_base.json").read_text()) if (base / "toy_base.json").is_file() else {}
+    report = [
+        "# Toy-scale MUSAR study", "",
+        f"Base: `{base}` ({base_info.get('total_steps', base_info.get('steps_done', '?'))} pretraining steps, "
+        f"{base_info.get('timing_s', {}).get('total_s', '?')} s). Study (base excluded): {timing['total_s']:.0f} s.",
+        f"Training: stage steps {list(cfg.stage_steps)}, micro-batch {cfg.micro_batch_size}, lr {cfg.lr}, LoRA ranks "
+        f"{cfg.subject_rank}/{cfg.noise_rank}, seeds {list(cfg.seeds)}. Evaluation: {cfg.eval_cases} cases per subject "
+        f"count x {cfg.eval_seeds} seeds, {cfg.held_out} held-out subjects, {cfg.inference_steps} steps.", "",
+        "Fidelity: a requested subject found with its shape, colour and pattern; entanglement: found with its shape "
+        "but another requested subject's colour or pattern (`toystudy.measure`). Mean ± sd over training seeds.", "",
+        markdown, "", "![samples](samples.png)", "",
+        "Figure: per row the references, then one sample per model (columns: " + ", ".join(samples) + ").", "",
+        f"Timing (s): `{json.dumps(timing)}`", *([f"Notes: {cfg.notes}"] if cfg.notes else []), "",
+    ]  # fmt: skip
+    (out / "report.md").write_text("\n".join(report))
+    (out / "results.json").write_text(json.dumps({"results": {k: [{str(n): t for n, t in r.items()} for r in v]
+                                                              for k, v in results.items()},
+                                                  "timing_s": timing, "config": asdict(cfg)}, indent=1))  # fmt: skip
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_experiment(cfg.experiment)
+    with mlflow.start_run(run_name="toy-study"):
+        mlflow.log_params({k: str(v)[:500] for k, v in to_dict(cfg).items()})
+        for name, runs in results.items():
+            key = re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_")  # MLflow metric names: no commas
+            for n in (1, 2, 3):
+                mlflow.log_metric(f"{key}.fidelity_{n}", statistics.mean(r[n]["fidelity"] for r in runs))
+                mlflow.log_metric(f"{key}.entanglement_{n}", statistics.mean(r[n]["entanglement"] for r in runs))
+        mlflow.log_artifact(str(out / "report.md"))
+        mlflow.log_artifact(str(out / "samples.png"))
+        mlflow.log_artifact(str(out / "results.json"))
+    print(f"[toy study] report: {out / 'report.md'} ({timing['total_s']:.0f} s)\n\n{markdown}", flush=True)
+    return out / "report.md"
