@@ -22,6 +22,7 @@ def test_evaluation_cases_name_distinct_shapes_of_held_out_subjects(tmp_path):
         StudyConfig(variants=("full", "no_routing"))
 
 
+@pytest.mark.timeout(900)  # ten short Ray Train stages: about 250 s on an idle 2-core machine
 def test_short_study_produces_the_table(tmp_path, ray_local):
     base = build_toy_base(ToyBaseConfig(output=str(tmp_path / "base"), scenes=24, vae_steps=2, vae_batch=4, steps=2,
                                         batch=4, log_every=1, time_budget_min=None))  # fmt: skip
