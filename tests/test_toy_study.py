@@ -6,7 +6,7 @@ import mlflow
 import pytest
 
 from toystudy.base import ToyBaseConfig, build_toy_base
-from toystudy.study import VARIANTS, StudyConfig, evaluation_cases, run_study
+from toystudy.study import DEFAULT_VARIANTS, StudyConfig, evaluation_cases, run_study
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def test_short_study_produces_the_table(tmp_path, ray_local):
     report = run_study(cfg)
     text = report.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| model")]
-    assert [r.split(" | ")[0][2:] for r in rows] == ["base (untrained)", "base, subjects described in words", *VARIANTS]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["base (untrained)", "base, subjects described in words", *DEFAULT_VARIANTS]
     results = json.loads((report.parent / "results.json").read_text())["results"]
     for name, runs in results.items():
         assert all(set(run) == {"1", "2", "3"} for run in runs), name

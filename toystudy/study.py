@@ -11,6 +11,7 @@ One command (``musar toy study``) runs, on top of a toy base model (``musar toy 
    - ``no_diptych``: stage 1 only, for all the steps (single-subject data alone);
    - ``no_bias_mitigation``: stages 1-3 without static routing and with one shared LoRA;
    - ``no_dynamic``: stages 1-3 without dynamic routing;
+   - (opt-in) ``full_compact_x2``: the full model with compact conditions (``condition_compaction=2``);
 3. generation of fixed cases with 1, 2 and 3 held-out subjects (references rendered alone, prompt
    naming each subject by its shape and place), judged by ``toystudy.measure`` (detector, not model);
    the untrained base is judged too: with the shape-only prompt (the floor) and with every subject
@@ -38,7 +39,11 @@ VARIANTS: dict[str, dict] = {
     "no_diptych": {"stages": (1,), "musar": {}},
     "no_bias_mitigation": {"stages": (1, 2, 3), "musar": {"static_routing": False, "shared_lora": True}},
     "no_dynamic": {"stages": (1, 2, 3), "musar": {"dynamic_routing": False}},
+    # Not one of the paper's ablations: the full model with compact conditions (references at half the
+    # side, a quarter of the tokens), for their quality cost. Opt in: variants=[..., full_compact_x2].
+    "full_compact_x2": {"stages": (1, 2, 3), "musar": {"condition_compaction": 2}},
 }
+DEFAULT_VARIANTS = ("full", "no_diptych", "no_bias_mitigation", "no_dynamic")
 BASE = "base (untrained)"
 BASE_TEXT = "base, subjects described in words"
 
@@ -47,7 +52,7 @@ BASE_TEXT = "base, subjects described in words"
 class StudyConfig:
     base: str = "outputs/toy/base"  # `musar toy base` output
     output: str = "outputs/toy/study"
-    variants: tuple[str, ...] = tuple(VARIANTS)
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
     seeds: tuple[int, ...] = (0, 1, 2)
     rows: int = 240  # toy Subject200K rows (one subject, two scenes each)
     held_out: int = 24  # evaluation subjects never seen in training
