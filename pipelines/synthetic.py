@@ -248,15 +248,22 @@ def _table(rows: list[dict]) -> pa.Table:
     }, schema=SCHEMA)  # fmt: skip
 
 
-def write_synthetic(cfg: SynthConfig) -> Path:
-    """Write the shards and ``synthetic_manifest.json``; returns the output folder."""
-    out = Path(cfg.output).expanduser().absolute()
+def empty_parquet_dir(output: str, overwrite: bool) -> Path:
+    """The absolute output folder, created, and emptied of earlier parquet files (refused unless
+    ``overwrite``): what a writer of a Subject200K-format set starts from."""
+    out = Path(output).expanduser().absolute()
     existing = sorted(out.glob("*.parquet")) if out.is_dir() else []
-    if existing and not cfg.overwrite:
+    if existing and not overwrite:
         raise FileExistsError(f"{out} already holds {len(existing)} parquet file(s); pass --overwrite true")
     out.mkdir(parents=True, exist_ok=True)
     for f in existing:
         f.unlink()
+    return out
+
+
+def write_synthetic(cfg: SynthConfig) -> Path:
+    """Write the shards and ``synthetic_manifest.json``; returns the output folder."""
+    out = empty_parquet_dir(cfg.output, cfg.overwrite)
     plan = _plan(cfg)
     files = -(-cfg.rows // cfg.rows_per_file)
     expected, outcome = {}, {}

@@ -26,7 +26,7 @@ from PIL import Image
 
 from pipelines.images import ImageCodec
 from pipelines.panels import PanelGeometry
-from pipelines.synthetic import SCHEMA
+from pipelines.synthetic import SCHEMA, empty_parquet_dir
 
 from .world import ALL_SUBJECTS, BACKGROUNDS, Subject, describe_panel, render_scene, sample_placements
 
@@ -100,13 +100,7 @@ def _row(cfg: ToyDataConfig, i: int, subject: Subject, codec: ImageCodec) -> dic
 
 def write_toy_subject200k(cfg: ToyDataConfig) -> Path:
     """Write the parquet files and ``toy_manifest.json``; returns the output folder."""
-    out = Path(cfg.output).expanduser().absolute()
-    existing = sorted(out.glob("*.parquet")) if out.is_dir() else []
-    if existing and not cfg.overwrite:
-        raise FileExistsError(f"{out} already holds {len(existing)} parquet file(s); pass overwrite=true")
-    out.mkdir(parents=True, exist_ok=True)
-    for f in existing:
-        f.unlink()
+    out = empty_parquet_dir(cfg.output, cfg.overwrite)
     subjects = row_subjects(cfg)
     codec = ImageCodec(format=cfg.image_format)
     files = -(-cfg.rows // cfg.rows_per_file)
