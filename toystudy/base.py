@@ -124,7 +124,7 @@ def partial_prompt(scene, rng: np.random.Generator) -> str:
     Customisation prompts name a subject by its shape and leave colour and pattern to the reference
     image, so the base must know that an unnamed attribute may take any value.
     """
-    from .world import BACKGROUNDS
+    from .world import objects_prompt
 
     parts = []
     for subject, placement in zip(scene.subjects, scene.placements):
@@ -132,8 +132,7 @@ def partial_prompt(scene, rng: np.random.Generator) -> str:
         words = [getattr(subject, a) for a in ("colour", "pattern") if a in level] + [subject.shape]
         article = "an" if words[0][0] in "aeiou" else "a"
         parts.append(f"{article} {' '.join(words)} {placement.location}")
-    objects = parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
-    return f"{objects}, on {BACKGROUNDS[scene.background].phrase}"
+    return objects_prompt(parts, scene.background)
 
 
 def render_pool(cfg: ToyBaseConfig, count: int, wide: bool, rng: np.random.Generator):

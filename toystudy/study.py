@@ -32,7 +32,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .world import ALL_SUBJECTS, BACKGROUNDS, Placement, Subject, render_scene, sample_placements
+from .world import (
+    ALL_SUBJECTS,
+    BACKGROUNDS,
+    Placement,
+    Subject,
+    objects_prompt,
+    render_scene,
+    sample_placements,
+    scene_prompt,
+)
 
 VARIANTS: dict[str, dict] = {
     "full": {"stages": (1, 2, 3), "musar": {}},
@@ -94,16 +103,12 @@ class Case:
 
     @property
     def prompt(self) -> str:
-        parts = [f"{_article(s.shape)} {s.shape} {p.location}" for s, p in zip(self.subjects, self.placements)]
-        objects = parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
-        return f"{objects}, on {BACKGROUNDS[self.background].phrase}"
+        return objects_prompt([f"{ph} {p.location}" for ph, p in zip(self.phrases, self.placements)], self.background)
 
     @property
     def described(self) -> str:
         """The prompt with every subject fully described in words (what text alone can ask for)."""
-        parts = [f"{s.phrase} {p.location}" for s, p in zip(self.subjects, self.placements)]
-        objects = parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
-        return f"{objects}, on {BACKGROUNDS[self.background].phrase}"
+        return scene_prompt(self.subjects, self.placements, self.background)
 
     @property
     def phrases(self) -> list[str]:

@@ -371,11 +371,15 @@ def sample_scene(rng: np.random.Generator, n_subjects: int, pool=ALL_SUBJECTS, b
 # ------------------------------------------------------------------------------------------------- text
 
 
-def scene_prompt(subjects, placements, background: str) -> str:
-    """'a red striped triangle on the left and a blue dotted circle on the right, on a pale grey background'."""
-    parts = [f"{s.phrase} {p.location}" for s, p in zip(subjects, placements)]
+def objects_prompt(parts: list[str], background: str) -> str:
+    """'A on the left, B in the center and C on the right, on <background>': the one prompt sentence."""
     objects = parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
     return f"{objects}, on {BACKGROUNDS[background].phrase}"
+
+
+def scene_prompt(subjects, placements, background: str) -> str:
+    """'a red striped triangle on the left and a blue dotted circle on the right, on a pale grey background'."""
+    return objects_prompt([f"{s.phrase} {p.location}" for s, p in zip(subjects, placements)], background)
 
 
 def describe_panel(placement: Placement, background: str, rng: np.random.Generator) -> str:
