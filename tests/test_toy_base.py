@@ -22,7 +22,7 @@ def test_word_tokenizer_gives_one_token_per_world_word():
             pieces = tok.tokenize(text)
             assert "<unk>" not in tok.convert_ids_to_tokens(tok(text).input_ids)
             assert len(pieces) == len(text.replace(",", " ,").replace(".", " .").split())
-    phrase = ToySubject("star", "blue", "dotted").phrase
+    phrase = ToySubject("heart", "blue", "dotted").phrase
     prompt = f"a red solid circle on the left and {phrase} on the right, on a white background"
     start = prompt.index(phrase)
     assert phrase_token_span(tok, prompt, start, start + len(phrase), 96) == (8, 4)
@@ -40,8 +40,8 @@ def test_micro_base_builds_and_loads_like_flux(tmp_path):
     from PIL import Image
 
     ref = Image.new("RGB", (64, 64), "red")
-    image = pipe("a red solid circle and a blue dotted star, on a white background",
-                 [Subject(ref, "a red solid circle"), Subject(ref, "a blue dotted star")],
+    image = pipe("a red solid circle and a blue dotted heart, on a white background",
+                 [Subject(ref, "a red solid circle"), Subject(ref, "a blue dotted heart")],
                  height=64, width=64, num_inference_steps=2, guidance_scale=1.0, seed=0).images[0]  # fmt: skip
     assert image.size == (64, 64)
     with pytest.raises(FileExistsError, match="overwrite=true"):

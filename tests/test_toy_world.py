@@ -84,7 +84,7 @@ def blur_and_noise(image: Image.Image, rng) -> Image.Image:
 
 
 def test_world_subjects_and_their_text():
-    assert len(ALL_SUBJECTS) == 240 == len(set(ALL_SUBJECTS))
+    assert len(ALL_SUBJECTS) == 144 == len(set(ALL_SUBJECTS))
     s = Subject("triangle", "red", "striped")
     assert (s.phrase, s.item, s.category) == ("a red striped triangle", "Red striped triangle", "Polygons")
     assert Subject("ring", "orange", "solid").phrase == "an orange solid ring"
@@ -234,7 +234,7 @@ def test_matching_is_one_to_one_within_shape():
     assert [o.detection for o in outcomes] == [found[1], found[0]]
     assert [(o.present, o.entangled) for o in outcomes] == [(True, False), (False, True)]
     # another shape never matches, however many attributes agree
-    assert match([Subject("star", "red", "striped")], found) == [None]
+    assert match([Subject("heart", "red", "striped")], found) == [None]
     with pytest.raises(ValueError):
         judge([a, a], found)
 
@@ -276,10 +276,10 @@ def test_subject200k_writer(tmp_path):
         write_toy_subject200k(cfg)
     shape_only = write_toy_subject200k(ToyDataConfig(output=str(tmp_path / "e"), rows=4, seed=3))  # the default
     assert {r["description"]["item"] for r in read_rows(shape_only).to_pylist()} <= {s.capitalize() for s in SHAPES}
-    subset = ToyDataConfig(output=str(tmp_path / "c"), rows=10, subjects=("Green solid star", "Yellow checkered ring"))
-    assert {s.item for s in row_subjects(subset)} == {"Green solid star", "Yellow checkered ring"}
+    subset = ToyDataConfig(output=str(tmp_path / "c"), rows=10, subjects=("Green solid heart", "Yellow checkered ring"))
+    assert {s.item for s in row_subjects(subset)} == {"Green solid heart", "Yellow checkered ring"}
     with pytest.raises(ValueError):
-        ToyDataConfig(output=str(tmp_path / "d"), subjects=("Green solid star",), hold_out=("Green solid star",))
+        ToyDataConfig(output=str(tmp_path / "d"), subjects=("Green solid heart",), hold_out=("Green solid heart",))
 
 
 def test_subject200k_builds_into_shards(tmp_path, ray_local):

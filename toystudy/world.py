@@ -1,6 +1,6 @@
 """The procedural subject world: subjects, scenes, their pictures and their text.
 
-A subject is (shape, colour, pattern): 10 shapes in 3 categories x 6 colours x 4 patterns = 240
+A subject is (shape, colour, pattern): 6 shapes in 3 categories x 6 colours x 4 patterns = 144
 subjects, each an identity a classical detector can read back (:mod:`toystudy.detector`). Every
 shape has the same area for a given ``size``, so an object's size can be read from its pixel count
 whatever its shape, and its pattern pitch scales with its size (a subject keeps its look at every
@@ -31,10 +31,15 @@ from PIL import Image, ImageDraw
 from pipelines.samples import ANOTHER, LEFT_INTRO, RIGHT_INTRO
 
 CATEGORIES: dict[str, tuple[str, ...]] = {
-    "Polygons": ("triangle", "square", "diamond", "rectangle"),
-    "Round shapes": ("circle", "ring", "semicircle"),
-    "Symbols": ("star", "cross", "heart"),
+    "Polygons": ("triangle", "square"),
+    "Round shapes": ("circle", "ring"),
+    "Symbols": ("cross", "heart"),
 }
+# World v2 (the one change the study allows): v1 had 10 shapes (also diamond, rectangle, semicircle,
+# star) at sizes 0.26-0.5. After 10k pretraining steps its base drew the right colours, patterns and
+# counts but blobs for shapes (2-3 tokens wide on the 8x8 token grid), so detector fidelity stayed
+# ~0.1 even with every subject described in words. v2 keeps six silhouettes a blob can still be told
+# apart by (corners, hole, arms) and draws objects larger.
 SHAPES: tuple[str, ...] = tuple(s for shapes in CATEGORIES.values() for s in shapes)
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (214, 39, 40),
@@ -83,7 +88,7 @@ LOCATIONS = (
     ("on the left", "in the center", "on the right"),
     ("in the lower left", "at the bottom", "in the lower right"),
 )
-SIZE_WORDS = ((0.33, "small in the frame"), (0.42, "at a medium size"), (np.inf, "large in the frame"))
+SIZE_WORDS = ((0.37, "small in the frame"), (0.47, "at a medium size"), (np.inf, "large in the frame"))
 
 # Subject200K-style description pieces: "{setting}, this item {pose} {location}, {size}."
 SETTINGS = ("On {bg}", "Against {bg}", "Set on {bg}", "Shown on {bg}")
@@ -91,8 +96,8 @@ POSES = ("sits", "rests", "stands", "is placed", "appears")
 
 # Object size (fraction of the panel's shorter side) by number of objects in the scene: the maximum,
 # and the floor below which patterns stop being readable at 64 px (~17 px). Singles vary 0.5x-1x.
-MAX_SIZE = {1: 0.5, 2: 0.4, 3: 0.33}
-MIN_SIZE = 0.26
+MAX_SIZE = {1: 0.56, 2: 0.46, 3: 0.38}
+MIN_SIZE = 0.3
 EDGE_MARGIN = 0.04  # object bounding boxes keep this far from the panel border
 GAP = 0.07  # and this far from each other (~4.5 px at 64 px: blur never joins two objects)
 
@@ -188,20 +193,10 @@ def _raw_shape(shape: str) -> tuple[np.ndarray, np.ndarray | None]:
         return _regular(3, phase=-np.pi / 2), None
     if shape == "square":
         return np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], float), None
-    if shape == "diamond":
-        return np.array([[0, -1], [1, 0], [0, 1], [-1, 0]], float), None
-    if shape == "rectangle":
-        return np.array([[-1, -0.5], [1, -0.5], [1, 0.5], [-1, 0.5]], float), None  # 2:1, lying down
     if shape == "circle":
         return _curve(np.cos, np.sin), None
     if shape == "ring":
         return _curve(np.cos, np.sin), _curve(lambda t: 0.5 * np.cos(t), lambda t: 0.5 * np.sin(t))
-    if shape == "semicircle":
-        t = np.linspace(np.pi, 2 * np.pi, 49)
-        return np.stack([np.cos(t), np.sin(t)], axis=1), None  # dome up, flat side down
-    if shape == "star":
-        outer, inner = _regular(5, 1.0, -np.pi / 2), _regular(5, 0.5, -np.pi / 2 + np.pi / 5)
-        return np.stack([outer, inner], axis=1).reshape(-1, 2), None
     if shape == "cross":
         a, b = 1 / 3, 1.0
         return np.array([[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a], [a, b], [-a, b], [-a, a], [-b, a],
