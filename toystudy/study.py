@@ -54,6 +54,8 @@ VARIANTS: dict[str, dict] = {
 }
 DEFAULT_VARIANTS = ("full", "no_diptych", "no_bias_mitigation", "no_dynamic")
 BASE = "base (untrained)"
+PROMPT_TOKENS = 96  # the longest diptych prompt of the toy world fits
+CONDITION_PROMPT_TOKENS = 8  # "a red striped triangle" and the like
 BASE_TEXT = "base, subjects described in words"
 
 
@@ -182,10 +184,10 @@ def _train(cfg: StudyConfig, variant: str, seed: int, shards: Path) -> Path:
         steps = sum(cfg.stage_steps) if spec["stages"] == (1,) else cfg.stage_steps[stage - 1]
         tc = TrainConfig(stage=stage, model=cfg.base, init_lora=lora, steps=steps, micro_batch_size=cfg.micro_batch_size,
                          grad_accum=1, num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, seed=seed,
-                         checkpoint_every=steps, log_every=max(1, steps // 10),
+                         checkpoint_every=steps, log_every=min(steps, 20),
                          output_dir=str(Path(cfg.output) / "train" / f"{variant}-seed{seed}"),
                          musar=musar_config(cfg, variant))  # fmt: skip
-        tc.data.shards, tc.data.target_size, tc.data.max_prompt_tokens = str(shards), 64, 96
+        tc.data.shards, tc.data.target_size, tc.data.max_prompt_tokens = str(shards), 64, PROMPT_TOKENS
         tc.optim.lr, tc.optim.warmup_steps = cfg.lr, max(1, steps // 10)
         tc.tracking.tracking_uri, tc.tracking.experiment = cfg.tracking_uri, cfg.experiment
         tc.tracking.run_name, tc.tracking.sample_grid = f"{variant}-seed{seed}-stage{stage}", False
@@ -197,7 +199,7 @@ def musar_config(cfg: StudyConfig, variant: str):
     from musar_core import MusarConfig
 
     return MusarConfig(subject_rank=cfg.subject_rank, noise_rank=cfg.noise_rank, condition_size=64,
-                       condition_prompt_max_tokens=8, **VARIANTS[variant]["musar"])  # fmt: skip
+                       condition_prompt_max_tokens=CONDITION_PROMPT_TOKENS, **VARIANTS[variant]["musar"])  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -241,6 +243,7 @@ def run_study(cfg: StudyConfig) -> Path:
     from musar.ray_cluster import ensure_ray
     from musar_core import MUSARPipeline
     from pipelines.build import DataBuildConfig, build_shards
+    from pipelines.encode import EncoderConfig
     from pipelines.panels import PanelGeometry
     from training.tracking import resolve_tracking_uri
 
@@ -260,8 +263,13 @@ def run_study(cfg: StudyConfig) -> Path:
     held = held_out_subjects(cfg)
     data = write_toy_subject200k(ToyDataConfig(output=str(out / "data"), rows=cfg.rows, seed=cfg.seed, overwrite=True,
                                                hold_out=tuple(s.item for s in held)))  # fmt: skip
+    # Pre-encoded once (fp32, the sizes training uses): every stage of every model then skips the VAE
+    # and text encoders; a variant trained at another reference size (compaction) reads the images.
+    encoder = EncoderConfig(condition_size=64, condition_prompt_max_tokens=CONDITION_PROMPT_TOKENS,
+                            prompt_max_tokens=PROMPT_TOKENS, storage_dtype="float32")  # fmt: skip
     build_shards(DataBuildConfig(input=str(data), output=str(out / "shards"), geometry=PanelGeometry(scale=0.125),
-                                 diptych_size=(128, 64), seed=cfg.seed, overwrite=True, quiet=True))  # fmt: skip
+                                 diptych_size=(128, 64), seed=cfg.seed, overwrite=True, quiet=True, encode=True,
+                                 encode_model=str(base), encoder=encoder))  # fmt: skip
     timing = {"data_s": round(time.perf_counter() - started, 1)}
 
     cases = evaluation_cases(cfg)

@@ -76,7 +76,7 @@ class TrainConfig:
     zero_stage: int = 2
     gradient_checkpointing: bool = False
     checkpoint_every: int = 500
-    log_every: int = 10
+    log_every: int = 10  # MLflow metrics and Ray Train reports (reporting every fast step stalls: loop.py)
     seed: int = 0
     output_dir: str = "outputs/train"
     storage_path: str | None = None  # Ray Train storage (local path or s3://); None: <output_dir>/ray
