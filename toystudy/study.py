@@ -54,9 +54,9 @@ VARIANTS: dict[str, dict] = {
 }
 DEFAULT_VARIANTS = ("full", "no_diptych", "no_bias_mitigation", "no_dynamic")
 BASE = "base (untrained)"
-PROMPT_TOKENS = 96  # the longest diptych prompt of the toy world fits
-CONDITION_PROMPT_TOKENS = 8  # "a red striped triangle" and the like
 BASE_TEXT = "base, subjects described in words"
+PROMPT_TOKENS = 96  # the longest diptych prompt of the toy world fits
+CONDITION_PROMPT_TOKENS = 8  # condition prompts name the shape alone ("a triangle")
 
 
 @dataclass
