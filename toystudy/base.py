@@ -57,7 +57,7 @@ class ToyBaseConfig:
     heads: int = 4
     head_dim: int = 32
     text_dim: int = 64  # T5 d_model = the transformer's joint_attention_dim
-    time_budget_min: float | None = 50.0
+    time_budget_min: float | None = 56.0  # the whole build (render, VAE, pretraining): under an hour
     threads: int | None = None  # torch threads (None: torch's default)
     log_every: int = 200
     overwrite: bool = False
