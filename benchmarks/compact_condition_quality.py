@@ -31,7 +31,6 @@ def main() -> None:
     from diffusers import AutoencoderKL
 
     from musar_core.encoding import reference_tensor
-    from toystudy.detector import detect
     from toystudy.study import reference
     from toystudy.world import ALL_SUBJECTS
 
@@ -47,10 +46,10 @@ def main() -> None:
             decoded = vae.decode(vae.encode(pixels).latent_dist.mode(), return_dict=False)[0]
         hits = {"shape": [], "colour": [], "pattern": [], "all": [], "resized": []}
         for subject, array, resized in zip(ALL_SUBJECTS, _uint8(decoded), _uint8(pixels)):
-            got = _read(detect, array, subject)
+            got = _read(array, subject)
             for key, ok in zip(("shape", "colour", "pattern", "all"), [*got, all(got)]):
                 hits[key].append(ok)
-            hits["resized"].append(all(_read(detect, resized, subject)))
+            hits["resized"].append(all(_read(resized, subject)))
         tokens = (size // (2 * (2 ** (len(vae.config.block_out_channels) - 1)))) ** 2
         cells = " | ".join(f"{statistics.mean(v):.3f}" for v in hits.values())
         print(f"| x{f} | {size} | {tokens} | {cells} |")
@@ -72,8 +71,10 @@ def _uint8(images):
     return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
-def _read(detect, array, subject) -> list[bool]:
+def _read(array, subject) -> list[bool]:
     """Shape, colour and pattern of the largest detection: right or wrong."""
+    from toystudy.detector import detect
+
     found = max(detect(array), key=lambda d: d.area, default=None)
     return [found is not None and getattr(found, k) == getattr(subject, k) for k in ("shape", "colour", "pattern")]
 
