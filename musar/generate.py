@@ -29,6 +29,8 @@ class GenerateConfig:
     seed: int = 0
     steps: int = 28
     guidance_scale: float = 3.5
+    true_cfg_scale: float = 1.0  # > 1: true classifier-free guidance (bases trained with prompt dropout)
+    negative_prompt: str | None = None  # with true_cfg_scale > 1; default the empty prompt
     height: int = 512
     width: int = 512
     num_images: int = 1
@@ -71,7 +73,8 @@ def run_generate(cfg: GenerateConfig) -> list[Path]:
     pipe = load_pipeline(cfg)
     out = pipe(cfg.prompt, subjects, height=cfg.height, width=cfg.width, num_inference_steps=cfg.steps,
                guidance_scale=cfg.guidance_scale, seed=cfg.seed, num_images_per_prompt=cfg.num_images,
-               return_routing=cfg.routing_map is not None)  # fmt: skip
+               return_routing=cfg.routing_map is not None, true_cfg_scale=cfg.true_cfg_scale,
+               negative_prompt=cfg.negative_prompt)  # fmt: skip
     target = Path(cfg.out)
     target.parent.mkdir(parents=True, exist_ok=True)
     paths = [target if len(out.images) == 1 else target.with_name(f"{target.stem}-{i}{target.suffix}")

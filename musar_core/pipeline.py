@@ -149,9 +149,16 @@ class MUSARPipeline:
         max_sequence_length: int | None = None,
         progress: bool = True,
         condition_cache: bool | None = None,
+        true_cfg_scale: float = 1.0,
+        negative_prompt: str | list[str] | None = None,
     ) -> MUSARPipelineOutput:
         """Generate; ``condition_cache`` (default: on when the model isolates conditions) computes the
-        conditions' K/V once per call instead of at every step."""
+        conditions' K/V once per call instead of at every step.
+
+        ``true_cfg_scale`` > 1 turns on true classifier-free guidance against ``negative_prompt``
+        (default: the empty prompt), whose pass sees no subjects; it doubles the transformer's work.
+        FLUX.1-dev is guidance-distilled (``guidance_scale``) and needs none; the toy base, trained with
+        prompt dropout, does."""
         from diffusers.utils.torch_utils import randn_tensor
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -163,6 +170,15 @@ class MUSARPipeline:
         max_len = max_sequence_length or min(self.max_sequence_length, self.encoders.tokenizer_2.model_max_length)
         repeat = num_images_per_prompt
         batch = len(prompts) * repeat
+        if true_cfg_scale < 1:
+            raise ValueError(f"true_cfg_scale must be >= 1 (1 turns it off), got {true_cfg_scale}")
+        negatives = None
+        if true_cfg_scale > 1:
+            negatives = [negative_prompt or ""] * len(prompts) if not isinstance(negative_prompt, list) else negative_prompt
+            if len(negatives) != len(prompts):
+                raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
+        elif negative_prompt is not None:
+            raise ValueError("negative_prompt is only used with true_cfg_scale > 1")
         if seed is not None and generator is not None:
             raise ValueError("pass either seed or generator, not both")
         if seed is not None:  # one generator per image: image i is reproducible on its own
@@ -174,6 +190,7 @@ class MUSARPipeline:
                  for p, subs in zip(prompts, per_prompt)]  # fmt: skip
         with self._on_device(enc.text_encoder, enc.text_encoder_2, enc.vae):
             prompt_embeds, pooled = encode_target_prompt(enc, prompts, max_len)
+            negative = encode_target_prompt(enc, negatives, max_len) if negatives else None
             conditions = None
             if c:
                 images = [[load_image(subs[k].image) for subs in per_prompt for _ in range(repeat)] for k in range(c)]
@@ -185,6 +202,8 @@ class MUSARPipeline:
         prompt_embeds = prompt_embeds.repeat_interleave(repeat, 0).to(device)
         pooled = pooled.repeat_interleave(repeat, 0).to(device)
         phrase_spans = torch.tensor([s for s in spans for _ in range(repeat)], device=device) if c else None
+        if negative is not None:
+            negative = tuple(x.repeat_interleave(repeat, 0).to(device) for x in negative)
 
         scale = enc.vae_scale_factor
         lat_h, lat_w = height // scale, width // scale
@@ -198,6 +217,7 @@ class MUSARPipeline:
                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, conditions=conditions,
                 phrase_spans=phrase_spans, return_routing=return_routing and c >= 2, progress=progress,
                 use_condition_cache=self.transformer.config.isolate_conditions if condition_cache is None else condition_cache,
+                true_cfg_scale=true_cfg_scale, negative=negative,
             )  # fmt: skip
         with self._on_device(enc.vae):
             images = self._decode(result.latents, height, width)

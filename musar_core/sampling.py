@@ -2,7 +2,10 @@
 
 The step schedule is FluxPipeline's: sigmas linspace(1, 1/steps), shifted by mu, where mu comes
 from the *target's* token count only (conditions do not change the schedule). ``guidance`` is
-FLUX.1-dev's embedded guidance: one pass per step, no unconditional branch.
+FLUX.1-dev's embedded guidance: one pass per step, no unconditional branch. ``true_cfg_scale`` > 1
+adds diffusers' true classifier-free guidance for bases trained with prompt dropout (the toy base):
+a second pass per step on the negative prompt *without* subjects, so the guided direction carries
+both the prompt and the references.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ def denoise(
     return_routing: bool = False,
     progress: bool = True,
     use_condition_cache: bool = False,
+    true_cfg_scale: float = 1.0,
+    negative: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> SampleResult:
     """Integrate from noise ``latents`` (B, n, C) to clean packed latents.
 
@@ -57,6 +62,8 @@ def denoise(
     """
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    if true_cfg_scale > 1 and negative is None:
+        raise ValueError("true_cfg_scale > 1 needs the negative prompt's (embeds, pooled)")
     sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
     scheduler.set_timesteps(sigmas=sigmas, mu=flux_mu(latents.shape[1], scheduler.config), device=latents.device)
     scheduler.set_begin_index(0)
@@ -81,7 +88,12 @@ def denoise(
             phrase_spans=phrase_spans,
             return_routing=return_routing,
         )
-        latents = scheduler.step(out.sample, t, latents, return_dict=False)[0]
+        velocity = out.sample
+        if true_cfg_scale > 1:
+            uncond = model(hidden_states=latents, encoder_hidden_states=negative[0], pooled_projections=negative[1],
+                           timestep=timestep / 1000, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance).sample  # fmt: skip
+            velocity = uncond + true_cfg_scale * (velocity - uncond)
+        latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
         if return_routing:
             result.routing.append(out.routing)
     result.latents = latents

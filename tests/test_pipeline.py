@@ -64,6 +64,45 @@ def test_zero_subjects_equals_flux_pipeline(pipe, tiny_flux_path):
     assert np.array_equal(pixels(got), pixels(expected))
 
 
+def test_true_cfg_with_zero_subjects_equals_flux_pipeline(pipe, tiny_flux_path):
+    from diffusers import FluxPipeline
+
+    flux = FluxPipeline.from_pretrained(tiny_flux_path)
+    kwargs = dict(height=64, width=64, num_inference_steps=3, guidance_scale=3.5, max_sequence_length=64,
+                  true_cfg_scale=4.0, negative_prompt="a blurry photo")  # fmt: skip
+    expected = flux("a red backpack in the snow", generator=torch.Generator().manual_seed(7), **kwargs).images[0]
+    got = pipe("a red backpack in the snow", generator=torch.Generator().manual_seed(7), **kwargs).images[0]
+    plain = pipe("a red backpack in the snow", generator=torch.Generator().manual_seed(7),
+                 **{k: v for k, v in kwargs.items() if k not in ("true_cfg_scale", "negative_prompt")}).images[0]  # fmt: skip
+    assert np.array_equal(pixels(got), pixels(expected))
+    assert not np.array_equal(pixels(got), pixels(plain))
+
+
+def test_true_cfg_negative_pass_sees_neither_subjects_nor_the_prompt(pipe, monkeypatch):
+    seen = []
+    forward = pipe.transformer.forward
+
+    def recording(*args, **kwargs):
+        has_subjects = kwargs.get("conditions") is not None or kwargs.get("condition_cache") is not None
+        seen.append((has_subjects, kwargs["encoder_hidden_states"].clone()))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.transformer, "forward", recording)
+    subjects = [Subject(ref("red"), "dog"), Subject(ref("blue"), "cat")]
+    pipe("a dog and a cat", subjects, seed=0, true_cfg_scale=3.0, condition_cache=False, **SIZE)
+    assert [has for has, _ in seen] == [True, False] * SIZE["num_inference_steps"]
+    empty = pipe.encoders.text_encoder_2(pipe.encoders.tokenizer_2(
+        [""], padding="max_length", max_length=seen[1][1].shape[1], return_tensors="pt").input_ids)[0]  # fmt: skip
+    torch.testing.assert_close(seen[1][1], empty)  # the default negative is the empty prompt
+    assert not torch.equal(seen[0][1], seen[1][1])
+
+
+def test_true_cfg_equal_to_the_prompt_is_a_no_op_without_subjects(pipe):
+    plain = pipe("a dog on the beach", seed=3, **SIZE).images[0]
+    guided = pipe("a dog on the beach", seed=3, true_cfg_scale=5.0, negative_prompt="a dog on the beach", **SIZE).images[0]
+    assert np.abs(pixels(plain) - pixels(guided)).max() <= 1  # u + s (c - u) = c when u = c
+
+
 def test_seed_is_deterministic_and_batches_are_per_image(pipe):
     subjects = [Subject(ref("red"), "dog"), Subject(ref("blue"), "cat")]
     a = pipe("a dog and a cat", subjects, seed=3, **SIZE).images[0]
@@ -138,6 +177,18 @@ class TestBadInput:
     def test_mismatched_subject_counts_in_a_batch(self, pipe):
         with pytest.raises(ValueError, match="same number of subjects"):
             pipe(["a dog", "a dog and a cat"], [[Subject(ref("red"), "dog")], []], **SIZE)
+
+    def test_true_cfg_scale_below_one(self, pipe):
+        with pytest.raises(ValueError, match="true_cfg_scale must be >= 1"):
+            pipe("a dog", true_cfg_scale=0.5, **SIZE)
+
+    def test_negative_prompt_without_true_cfg(self, pipe):
+        with pytest.raises(ValueError, match="negative_prompt is only used with true_cfg_scale > 1"):
+            pipe("a dog", negative_prompt="blurry", **SIZE)
+
+    def test_negative_prompt_count_differs_from_prompts(self, pipe):
+        with pytest.raises(ValueError, match="got 1 negative prompts for 2 prompts"):
+            pipe(["a dog", "a cat"], true_cfg_scale=2.0, negative_prompt=["blurry"], **SIZE)
 
     def test_not_a_flux_folder(self, tmp_path):
         with pytest.raises(FileNotFoundError, match="model_index.json"):

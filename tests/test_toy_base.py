@@ -50,3 +50,41 @@ def test_micro_base_builds_and_loads_like_flux(tmp_path):
                                            "resume_from": str(out)}))  # fmt: skip
     info = json.loads((more / "toy_base.json").read_text())
     assert info["steps_done"] == 2 and info["total_steps"] == 5 and info["resumed_from"]["steps"] == 3
+
+
+@pytest.mark.parametrize("dropout, expect", [(0.0, "none"), (0.5, "some")])
+def test_prompt_dropout_replaces_prompts_with_the_empty_prompt(dropout, expect):
+    """The unconditional velocity that true CFG needs is only learnt if empty prompts are trained on."""
+    import time
+
+    import torch
+
+    from toystudy.base import _Pool, _t5, pretrain
+
+    tok = word_t5_tokenizer(max_length=12)
+    null = tok([""], padding="max_length", max_length=12, return_tensors="pt").input_ids
+    ids = tok(["a red solid circle"] * 8, padding="max_length", max_length=12, return_tensors="pt").input_ids
+    pool = _Pool(torch.randn(8, 16, 16), ids, torch.randn(8, 32), (4, 4), null, torch.zeros(1, 32))
+
+    class Recording(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.seen = _t5(64, len(tok)), []
+
+        def forward(self, x):
+            self.seen.append(x.clone())
+            return self.inner(x)
+
+    t5 = Recording()
+    cfg = ToyBaseConfig(steps=6, batch=8, layers=1, single_layers=1, heads=2, head_dim=16, time_budget_min=None,
+                        prompt_dropout=dropout)  # fmt: skip
+    pretrain(cfg, [pool], t5, lambda m: None, time.perf_counter())
+    rows = torch.cat(t5.seen)
+    empty = (rows == null).all(dim=1)
+    assert ((rows == ids[0]).all(dim=1) | empty).all()  # every row is the prompt or the empty prompt
+    assert (empty.sum() == 0) if expect == "none" else (0 < empty.sum() < len(rows))
+
+
+def test_prompt_dropout_must_leave_some_prompts():
+    with pytest.raises(ValueError, match=r"prompt_dropout must lie in \[0, 1\)"):
+        ToyBaseConfig(prompt_dropout=1.0)

@@ -20,6 +20,8 @@ def test_evaluation_cases_name_distinct_shapes_of_held_out_subjects(tmp_path):
     assert "colour" not in cases[-1].prompt and all(p in cases[-1].prompt for p in cases[-1].phrases)
     with pytest.raises(ValueError, match="unknown variants"):
         StudyConfig(variants=("full", "no_routing"))
+    with pytest.raises(ValueError, match="true_cfg_scale must be >= 1"):
+        StudyConfig(true_cfg_scale=0.0)
 
 
 @pytest.mark.timeout(900)  # ten short Ray Train stages: about 250 s on an idle 2-core machine
@@ -38,6 +40,7 @@ def test_short_study_produces_the_table(tmp_path, ray_local):
         assert all(set(run) == {"1", "2", "3"} for run in runs), name
         assert all(0 <= run[n]["fidelity"] <= 1 for run in runs for n in run)
     assert (report.parent / "samples.png").is_file()
+    assert f"true CFG scale {cfg.true_cfg_scale}" in text
     client = mlflow.tracking.MlflowClient(cfg.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("musar-toy-study").experiment_id],
                               filter_string="attributes.run_name = 'toy-study'")  # fmt: skip

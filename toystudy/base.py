@@ -14,7 +14,10 @@ image regions, as real base models do. Built once, in three steps, and saved as 
 3. a ``FluxTransformer2DModel`` pre-trained with rectified flow on scenes of 1-3 objects described by
    their prompts (each object fully or by its shape with some of its attributes, :func:`partial_prompt`),
    square and 2:1 (the diptych's shape), prompts encoded as
-   FluxPipeline encodes them (padded, unmasked), no conditions, no guidance embedding.
+   FluxPipeline encodes them (padded, unmasked), no conditions, no guidance embedding; a share of
+   prompts (``prompt_dropout``) is replaced by the empty prompt, so the base can be sampled with true
+   classifier-free guidance (``MUSARPipeline(..., true_cfg_scale=...)``), as small text-to-image
+   models need to bind words firmly.
 
 Pretraining stops at ``steps`` or at ``time_budget_min``, whichever comes first; ``toy_base.json``
 beside the model records what was done, the loss curve and the time each step took.
@@ -60,6 +63,9 @@ class ToyBaseConfig:
     time_budget_min: float | None = 56.0  # the whole build (render, VAE, pretraining): under an hour
     threads: int | None = None  # torch threads (None: torch's default)
     log_every: int = 200
+    # Share of pretraining prompts replaced by the empty prompt, so the base also learns the
+    # unconditional velocity that true classifier-free guidance (``true_cfg_scale``) needs.
+    prompt_dropout: float = 0.1
     overwrite: bool = False
     # Continue pretraining an earlier build (its VAE, text encoders and transformer; no VAE fit).
     resume_from: str | None = None
@@ -74,6 +80,8 @@ class ToyBaseConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.wide_fraction <= 1:
             raise ValueError(f"wide_fraction must lie in [0, 1], got {self.wide_fraction}")
+        if not 0 <= self.prompt_dropout < 1:
+            raise ValueError(f"prompt_dropout must lie in [0, 1), got {self.prompt_dropout}")
 
 
 # ------------------------------------------------------------------------------------ tokenizers
@@ -196,6 +204,8 @@ class _Pool:
     ids: torch.Tensor  # (N, T5 length) token ids
     pooled: torch.Tensor  # (N, Dp) frozen CLIP pooled vectors
     grid: tuple[int, int]
+    null_ids: torch.Tensor  # (1, T5 length): the empty prompt, for prompt dropout
+    null_pooled: torch.Tensor  # (1, Dp)
 
 
 def _encode_pool(images, prompts, vae, tokenizer, clip_tokenizer, clip) -> _Pool:
@@ -206,12 +216,13 @@ def _encode_pool(images, prompts, vae, tokenizer, clip_tokenizer, clip) -> _Pool
         for i in range(0, len(images), 64):
             packed, grid = encode_images(vae, _pixels(images[i : i + 64]))
             chunks.append(packed)
-        clip_ids = clip_tokenizer(prompts, padding="max_length", max_length=clip_tokenizer.model_max_length,
+        texts = [*prompts, ""]  # the empty prompt last
+        clip_ids = clip_tokenizer(texts, padding="max_length", max_length=clip_tokenizer.model_max_length,
                                   truncation=True, return_tensors="pt").input_ids  # fmt: skip
-        pooled = torch.cat([clip(clip_ids[i : i + 256]).pooler_output for i in range(0, len(prompts), 256)])
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        pooled = torch.cat([clip(clip_ids[i : i + 256]).pooler_output for i in range(0, len(texts), 256)])
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids  # fmt: skip
-    return _Pool(torch.cat(chunks), ids, pooled, grid)
+    return _Pool(torch.cat(chunks), ids[:-1], pooled[:-1], grid, ids[-1:], pooled[-1:])
 
 
 def pretrain(
@@ -247,8 +258,11 @@ def pretrain(
         t = torch.sigmoid(torch.randn(cfg.batch, generator=g))
         eps = torch.randn(x0.shape, generator=g)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
-        prompt = t5(pool.ids[idx])[0]
-        pred = transformer(hidden_states=xt, encoder_hidden_states=prompt, pooled_projections=pool.pooled[idx],
+        dropped = (torch.rand(cfg.batch, generator=g) < cfg.prompt_dropout)[:, None]
+        ids = torch.where(dropped, pool.null_ids, pool.ids[idx])
+        pooled = torch.where(dropped, pool.null_pooled, pool.pooled[idx])
+        prompt = t5(ids)[0]
+        pred = transformer(hidden_states=xt, encoder_hidden_states=prompt, pooled_projections=pooled,
                            timestep=t, img_ids=image_ids(*pool.grid), txt_ids=text_ids(prompt.shape[1]),
                            return_dict=False)[0]  # fmt: skip
         loss = F.mse_loss(pred, eps - x0)
