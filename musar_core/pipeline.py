@@ -174,7 +174,8 @@ class MUSARPipeline:
             raise ValueError(f"true_cfg_scale must be >= 1 (1 turns it off), got {true_cfg_scale}")
         negatives = None
         if true_cfg_scale > 1:
-            negatives = [negative_prompt or ""] * len(prompts) if not isinstance(negative_prompt, (list, tuple)) else list(negative_prompt)
+            many = isinstance(negative_prompt, (list, tuple))
+            negatives = list(negative_prompt) if many else [negative_prompt or ""] * len(prompts)
             if len(negatives) != len(prompts):
                 raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
         elif negative_prompt is not None:
