@@ -46,6 +46,10 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.true_cfg_scale < 1:
+            raise ValueError(f"true_cfg_scale must be >= 1 (1 turns it off), got {self.true_cfg_scale}")
+        if self.negative_prompt is not None and self.true_cfg_scale == 1:
+            raise ValueError("negative_prompt is only used with true_cfg_scale > 1")
 
 
 def load_pipeline(cfg: GenerateConfig):

@@ -156,7 +156,8 @@ class MUSARPipeline:
         conditions' K/V once per call instead of at every step.
 
         ``true_cfg_scale`` > 1 turns on true classifier-free guidance against ``negative_prompt``
-        (default: the empty prompt), whose pass sees no subjects; it doubles the transformer's work.
+        (default: the empty prompt; diffusers' FluxPipeline instead skips guidance without one), whose
+        pass sees no subjects; it doubles the transformer's work.
         FLUX.1-dev is guidance-distilled (``guidance_scale``) and needs none; the toy base, trained with
         prompt dropout, does."""
         from diffusers.utils.torch_utils import randn_tensor

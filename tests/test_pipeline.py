@@ -68,17 +68,23 @@ def test_true_cfg_with_zero_subjects_equals_flux_pipeline(pipe, tiny_flux_path):
     from diffusers import FluxPipeline
 
     flux = FluxPipeline.from_pretrained(tiny_flux_path)
+    prompts = ["a red backpack in the snow", "a dog on the beach"]
     kwargs = dict(height=64, width=64, num_inference_steps=3, guidance_scale=3.5, max_sequence_length=64,
-                  true_cfg_scale=4.0, negative_prompt="a blurry photo")  # fmt: skip
-    expected = flux("a red backpack in the snow", generator=torch.Generator().manual_seed(7), **kwargs).images[0]
-    got = pipe("a red backpack in the snow", generator=torch.Generator().manual_seed(7), **kwargs).images[0]
-    plain = pipe("a red backpack in the snow", generator=torch.Generator().manual_seed(7),
-                 **{k: v for k, v in kwargs.items() if k not in ("true_cfg_scale", "negative_prompt")}).images[0]  # fmt: skip
-    assert np.array_equal(pixels(got), pixels(expected))
-    assert not np.array_equal(pixels(got), pixels(plain))
+                  num_images_per_prompt=2, true_cfg_scale=4.0, negative_prompt=["a blurry photo", "a cat"])  # fmt: skip
+    expected = flux(prompts, generator=torch.Generator().manual_seed(7), **kwargs).images
+    got = pipe(prompts, generator=torch.Generator().manual_seed(7), **kwargs).images
+    plain = pipe(prompts, generator=torch.Generator().manual_seed(7),
+                 **{k: v for k, v in kwargs.items() if k not in ("true_cfg_scale", "negative_prompt")}).images  # fmt: skip
+    assert len(got) == len(expected) == 4
+    for a, b, c in zip(got, expected, plain):
+        assert np.array_equal(pixels(a), pixels(b))
+        assert not np.array_equal(pixels(a), pixels(c))
 
 
-def test_true_cfg_negative_pass_sees_neither_subjects_nor_the_prompt(pipe, monkeypatch):
+@pytest.mark.parametrize("cached", [False, True], ids=["per-step", "condition-cache"])
+def test_true_cfg_negative_pass_sees_neither_subjects_nor_the_prompt(pipe, tiny_flux_path, monkeypatch, cached):
+    if cached:
+        pipe = MUSARPipeline.from_pretrained(tiny_flux_path, config=CONFIG.replace(isolate_conditions=True))
     seen = []
     forward = pipe.transformer.forward
 
@@ -89,7 +95,7 @@ def test_true_cfg_negative_pass_sees_neither_subjects_nor_the_prompt(pipe, monke
 
     monkeypatch.setattr(pipe.transformer, "forward", recording)
     subjects = [Subject(ref("red"), "dog"), Subject(ref("blue"), "cat")]
-    pipe("a dog and a cat", subjects, seed=0, true_cfg_scale=3.0, condition_cache=False, **SIZE)
+    pipe("a dog and a cat", subjects, seed=0, true_cfg_scale=3.0, condition_cache=cached, **SIZE)
     assert [has for has, _ in seen] == [True, False] * SIZE["num_inference_steps"]
     empty = pipe.encoders.text_encoder_2(pipe.encoders.tokenizer_2(
         [""], padding="max_length", max_length=seen[1][1].shape[1], return_tensors="pt").input_ids)[0]  # fmt: skip
@@ -217,3 +223,14 @@ def test_musar_generate_cli(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "--prompt", "a dog", "--subject", "dog.png", "--steps", "1"])
     assert exit_info.value.code == 1 and "expected IMAGE_PATH=PHRASE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--negative-prompt", "blurry"], "negative_prompt is only used with true_cfg_scale > 1"),
+     (["--true-cfg-scale", "0.5"], "true_cfg_scale must be >= 1")],
+)  # fmt: skip
+def test_musar_generate_rejects_bad_guidance_before_loading_a_model(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", "/nonexistent", "--prompt", "a dog", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

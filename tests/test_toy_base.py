@@ -75,14 +75,23 @@ def test_prompt_dropout_replaces_prompts_with_the_empty_prompt(dropout, expect):
             self.seen.append(x.clone())
             return self.inner(x)
 
+    from diffusers import FluxTransformer2DModel
+
     t5 = Recording()
     cfg = ToyBaseConfig(steps=6, batch=8, layers=1, single_layers=1, heads=2, head_dim=16, time_budget_min=None,
                         prompt_dropout=dropout)  # fmt: skip
-    pretrain(cfg, [pool], t5, lambda m: None, time.perf_counter())
-    rows = torch.cat(t5.seen)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
+                                         pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))  # fmt: skip
+    pooled_seen = []
+    transformer.register_forward_pre_hook(lambda m, a, kw: pooled_seen.append(kw["pooled_projections"].clone()),
+                                          with_kwargs=True)  # fmt: skip
+    pretrain(cfg, [pool], t5, lambda m: None, time.perf_counter(), transformer)
+    rows, pooled = torch.cat(t5.seen), torch.cat(pooled_seen)
     empty = (rows == null).all(dim=1)
     assert ((rows == ids[0]).all(dim=1) | empty).all()  # every row is the prompt or the empty prompt
     assert (empty.sum() == 0) if expect == "none" else (0 < empty.sum() < len(rows))
+    assert (pooled[empty] == 0).all() and (pooled[~empty] != 0).all()  # the pooled vector drops with its prompt
 
 
 def test_prompt_dropout_must_leave_some_prompts():

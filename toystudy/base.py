@@ -258,9 +258,10 @@ def pretrain(
         t = torch.sigmoid(torch.randn(cfg.batch, generator=g))
         eps = torch.randn(x0.shape, generator=g)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
-        dropped = (torch.rand(cfg.batch, generator=g) < cfg.prompt_dropout)[:, None]
-        ids = torch.where(dropped, pool.null_ids, pool.ids[idx])
-        pooled = torch.where(dropped, pool.null_pooled, pool.pooled[idx])
+        ids, pooled = pool.ids[idx], pool.pooled[idx]
+        if cfg.prompt_dropout > 0:  # no extra draw without dropout: earlier builds stay reproducible
+            dropped = (torch.rand(cfg.batch, generator=g) < cfg.prompt_dropout)[:, None]
+            ids, pooled = torch.where(dropped, pool.null_ids, ids), torch.where(dropped, pool.null_pooled, pooled)
         prompt = t5(ids)[0]
         pred = transformer(hidden_states=xt, encoder_hidden_states=prompt, pooled_projections=pooled,
                            timestep=t, img_ids=image_ids(*pool.grid), txt_ids=text_ids(prompt.shape[1]),

@@ -263,6 +263,10 @@ def run_study(cfg: StudyConfig) -> Path:
     base = Path(cfg.base).expanduser().absolute()
     if not (base / "model_index.json").is_file():
         raise FileNotFoundError(f"base: {base} is not a toy base model folder (build it with `musar toy base`)")
+    base_info = json.loads((base / "toy_base.json").read_text()) if (base / "toy_base.json").is_file() else {}
+    if cfg.true_cfg_scale > 1 and not base_info.get("config", {}).get("prompt_dropout"):
+        raise ValueError(f"base: {base} was pre-trained without prompt dropout, so it has no unconditional "
+                         "prediction for true CFG to guide against: pass true_cfg_scale=1 or rebuild the base")  # fmt: skip
     cfg.base = str(base)
     cfg.tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
     ensure_ray(min_cpus=cfg.num_workers * cfg.cpus_per_worker + 2)
@@ -307,7 +311,6 @@ def run_study(cfg: StudyConfig) -> Path:
     sheet = figure(cases, samples, cfg.figure_cases)
     out.mkdir(parents=True, exist_ok=True)
     sheet.save(out / "samples.png")
-    base_info = json.loads((base / "toy_base.json").read_text()) if (base / "toy_base.json").is_file() else {}
     report = [
         "# Toy-scale MUSAR study", "",
         f"Base: `{base}` ({base_info.get('total_steps', base_info.get('steps_done', '?'))} pretraining steps, "
