@@ -47,7 +47,7 @@ def test_micro_base_builds_and_loads_like_flux(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=true"):
         build_toy_base(cfg)
     more = build_toy_base(ToyBaseConfig(**{**cfg.__dict__, "output": str(tmp_path / "more"), "steps": 2,
-                                           "resume_from": str(out)}))  # fmt: skip
+                                           "resume_from": str(out), "train_clip": True}))  # fmt: skip
     info = json.loads((more / "toy_base.json").read_text())
     assert info["steps_done"] == 2 and info["total_steps"] == 5 and info["resumed_from"]["steps"] == 3
 
@@ -64,7 +64,8 @@ def test_prompt_dropout_replaces_prompts_with_the_empty_prompt(dropout, expect):
     tok = word_t5_tokenizer(max_length=12)
     null = tok([""], padding="max_length", max_length=12, return_tensors="pt").input_ids
     ids = tok(["a red solid circle"] * 8, padding="max_length", max_length=12, return_tensors="pt").input_ids
-    pool = _Pool(torch.randn(8, 16, 16), ids, torch.randn(8, 32), (4, 4), null, torch.zeros(1, 32))
+    clip_ids = torch.zeros(8, 77, dtype=torch.long)
+    pool = _Pool(torch.randn(8, 16, 16), ids, torch.randn(8, 32), (4, 4), null, torch.zeros(1, 32), clip_ids, clip_ids[:1])
 
     class Recording(torch.nn.Module):
         def __init__(self):
@@ -97,3 +98,33 @@ def test_prompt_dropout_replaces_prompts_with_the_empty_prompt(dropout, expect):
 def test_prompt_dropout_must_leave_some_prompts():
     with pytest.raises(ValueError, match=r"prompt_dropout must lie in \[0, 1\)"):
         ToyBaseConfig(prompt_dropout=1.0)
+
+
+@pytest.mark.parametrize("train_clip", [False, True])
+def test_clip_trains_only_when_asked(train_clip):
+    """A trained CLIP gives the AdaLN path the prompt's meaning; a frozen one must stay as saved."""
+    import time
+
+    import torch
+
+    from toystudy.base import _clip, _Pool, _t5, pretrain
+
+    clip_tokenizer, clip = _clip(32)
+    tok = word_t5_tokenizer(max_length=12)
+    prompts = ["a red solid circle", "a blue heart", "a green dotted square", "a ring"]
+    clip_ids = clip_tokenizer(prompts + [""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids = tok(prompts + [""], padding="max_length", max_length=12, return_tensors="pt").input_ids
+    clip.eval().requires_grad_(False)  # as the build hands it over
+    with torch.no_grad():
+        pooled = clip(clip_ids).pooler_output
+    pool = _Pool(torch.randn(4, 16, 16), ids[:-1], pooled[:-1], (4, 4), ids[-1:], pooled[-1:], clip_ids[:-1],
+                 clip_ids[-1:])  # fmt: skip
+    before = {k: v.clone() for k, v in clip.state_dict().items()}
+    cfg = ToyBaseConfig(steps=3, batch=4, layers=1, single_layers=1, heads=2, head_dim=16, time_budget_min=None,
+                        train_clip=train_clip)  # fmt: skip
+    pretrain(cfg, [pool], _t5(64, len(tok)), lambda m: None, time.perf_counter(), clip=clip)
+    changed = any(not torch.equal(before[k], v) for k, v in clip.state_dict().items())
+    assert changed == train_clip
+    assert not any(p.requires_grad for p in clip.parameters())  # frozen again for saving and sampling
+    with pytest.raises(ValueError, match="train_clip needs the CLIP text model"):
+        pretrain(ToyBaseConfig(steps=1, train_clip=True), [pool], _t5(64, len(tok)), lambda m: None, time.perf_counter())

@@ -4,8 +4,8 @@ It stands in for FLUX.1-dev's pretraining, so that MUSAR has a base that already
 image regions, as real base models do. Built once, in three steps, and saved as a diffusers
 ``FluxPipeline`` folder that MUSAR's jobs and ``MUSARPipeline`` load exactly like FLUX.1-dev:
 
-1. tokenizers and text encoders: CLIP's real BPE tokenizer with a tiny frozen random CLIP text model
-   (its pooled vector only modulates), and a word-level T5 tokenizer over the world's vocabulary
+1. tokenizers and text encoders: CLIP's real BPE tokenizer with a tiny CLIP text model (its pooled
+   vector only modulates; frozen at random init, or trained jointly with ``train_clip``), and a word-level T5 tokenizer over the world's vocabulary
    (:data:`toystudy.world.VOCABULARY`, each word one piece, capitalised too) with a tiny T5 encoder
    that is trained jointly with the transformer;
 2. an ``AutoencoderKL`` (4x downsampling, 4 latent channels: 8 px per packed token, so a 64 px panel
@@ -66,6 +66,9 @@ class ToyBaseConfig:
     # Share of pretraining prompts replaced by the empty prompt, so the base also learns the
     # unconditional velocity that true classifier-free guidance (``true_cfg_scale``) needs.
     prompt_dropout: float = 0.1
+    # Train the tiny CLIP jointly too, so its pooled vector (FLUX's AdaLN path, like DiT's class
+    # embedding) carries the prompt's meaning; frozen, it is a random hash of the prompt.
+    train_clip: bool = False
     overwrite: bool = False
     # Continue pretraining an earlier build (its VAE, text encoders and transformer; no VAE fit).
     resume_from: str | None = None
@@ -206,6 +209,8 @@ class _Pool:
     grid: tuple[int, int]
     null_ids: torch.Tensor  # (1, T5 length): the empty prompt, for prompt dropout
     null_pooled: torch.Tensor  # (1, Dp)
+    clip_ids: torch.Tensor  # (N, 77) CLIP token ids, for a CLIP trained jointly (``train_clip``)
+    null_clip_ids: torch.Tensor  # (1, 77)
 
 
 def _encode_pool(images, prompts, vae, tokenizer, clip_tokenizer, clip) -> _Pool:
@@ -222,14 +227,17 @@ def _encode_pool(images, prompts, vae, tokenizer, clip_tokenizer, clip) -> _Pool
         pooled = torch.cat([clip(clip_ids[i : i + 256]).pooler_output for i in range(0, len(texts), 256)])
     ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids  # fmt: skip
-    return _Pool(torch.cat(chunks), ids[:-1], pooled[:-1], grid, ids[-1:], pooled[-1:])
+    return _Pool(torch.cat(chunks), ids[:-1], pooled[:-1], grid, ids[-1:], pooled[-1:], clip_ids[:-1], clip_ids[-1:])
 
 
 def pretrain(
-    cfg: ToyBaseConfig, pools: list[_Pool], t5, log, started: float, transformer=None
+    cfg: ToyBaseConfig, pools: list[_Pool], t5, log, started: float, transformer=None, clip=None
 ) -> tuple[torch.nn.Module, dict]:
     """Rectified flow on the scene pools. The cosine schedule spans the steps that fit the time budget
-    (re-estimated as steps are timed), so a budget-bound run still ends at a low learning rate."""
+    (re-estimated as steps are timed), so a budget-bound run still ends at a low learning rate.
+    With ``train_clip`` the pooled vectors come from ``clip`` at every step, and it trains too."""
+    if cfg.train_clip and clip is None:
+        raise ValueError("train_clip needs the CLIP text model")
     from diffusers import FluxTransformer2DModel
 
     from musar_core.conditions import image_ids, text_ids
@@ -241,14 +249,15 @@ def pretrain(
         pooled_projection_dim=pools[0].pooled.shape[1], guidance_embeds=False,
         axes_dims_rope=(rope, (cfg.head_dim - rope) // 2, (cfg.head_dim - rope) // 2),  # (id, row, col) as FLUX
     )  # fmt: skip
-    params = list(transformer.parameters()) + list(t5.parameters())
+    trained = [transformer, t5, *([clip] if cfg.train_clip else [])]
+    params = [p for module in trained for p in module.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     weights = torch.tensor([1 - cfg.wide_fraction, cfg.wide_fraction])[: len(pools)]
     budget = None if cfg.time_budget_min is None else cfg.time_budget_min * 60
     history, step_times = [], []
-    transformer.train()
-    t5.train()
+    for module in trained:
+        module.train().requires_grad_(True)
     step, planned = 0, cfg.steps
     for step in range(1, cfg.steps + 1):
         tick = time.perf_counter()
@@ -258,10 +267,13 @@ def pretrain(
         t = torch.sigmoid(torch.randn(cfg.batch, generator=g))
         eps = torch.randn(x0.shape, generator=g)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
-        ids, pooled = pool.ids[idx], pool.pooled[idx]
+        ids, pooled, clip_ids = pool.ids[idx], pool.pooled[idx], pool.clip_ids[idx]
         if cfg.prompt_dropout > 0:  # no extra draw without dropout: earlier builds stay reproducible
             dropped = (torch.rand(cfg.batch, generator=g) < cfg.prompt_dropout)[:, None]
             ids, pooled = torch.where(dropped, pool.null_ids, ids), torch.where(dropped, pool.null_pooled, pooled)
+            clip_ids = torch.where(dropped, pool.null_clip_ids, clip_ids)
+        if cfg.train_clip:
+            pooled = clip(clip_ids).pooler_output
         prompt = t5(ids)[0]
         pred = transformer(hidden_states=xt, encoder_hidden_states=prompt, pooled_projections=pooled,
                            timestep=t, img_ids=image_ids(*pool.grid), txt_ids=text_ids(prompt.shape[1]),
@@ -285,8 +297,8 @@ def pretrain(
         if budget is not None and (time.perf_counter() - started > budget or step >= planned):
             log(f"time budget of {cfg.time_budget_min} min reached at step {step}")
             break
-    transformer.eval().requires_grad_(False)
-    t5.eval().requires_grad_(False)
+    for module in trained:
+        module.eval().requires_grad_(False)
     curve = [float(np.mean(history[i : i + cfg.log_every])) for i in range(0, len(history), cfg.log_every)]
     return transformer, {"steps_done": step, "loss_curve": curve, "s_per_step": float(np.mean(step_times))}
 
@@ -341,7 +353,7 @@ def build_toy_base(cfg: ToyBaseConfig) -> Path:
     pools = [_encode_pool(*square, vae, tokenizer, clip_tokenizer, clip)]
     if wide is not None:
         pools.append(_encode_pool(*wide, vae, tokenizer, clip_tokenizer, clip))
-    transformer, stats = pretrain(cfg, pools, t5, log, started, transformer)
+    transformer, stats = pretrain(cfg, pools, t5, log, started, transformer, clip)
     stats["total_steps"] = stats["steps_done"] + int(previous.get("total_steps", previous.get("steps_done", 0)))
     if previous:
         stats["resumed_from"] = {"path": cfg.resume_from, "steps": stats["total_steps"] - stats["steps_done"],
