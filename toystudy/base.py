@@ -5,9 +5,9 @@ image regions, as real base models do. Built once, in three steps, and saved as 
 ``FluxPipeline`` folder that MUSAR's jobs and ``MUSARPipeline`` load exactly like FLUX.1-dev:
 
 1. tokenizers and text encoders: CLIP's real BPE tokenizer with a tiny CLIP text model (its pooled
-   vector only modulates; frozen at random init, or trained jointly with ``train_clip``), and a word-level T5 tokenizer over the world's vocabulary
-   (:data:`toystudy.world.VOCABULARY`, each word one piece, capitalised too) with a tiny T5 encoder
-   that is trained jointly with the transformer;
+   vector only modulates; frozen at random init, or trained jointly with ``train_clip``), and a
+   word-level T5 tokenizer over the world's vocabulary (:data:`toystudy.world.VOCABULARY`, each word
+   one piece, capitalised too) with a tiny T5 encoder that is trained jointly with the transformer;
 2. an ``AutoencoderKL`` (4x downsampling, 4 latent channels: 8 px per packed token, so a 64 px panel
    is 8x8 tokens) fitted on rendered scenes, its shift and scale then set from the latents' statistics
    as FLUX's are;
@@ -16,8 +16,7 @@ image regions, as real base models do. Built once, in three steps, and saved as 
    square and 2:1 (the diptych's shape), prompts encoded as
    FluxPipeline encodes them (padded, unmasked), no conditions, no guidance embedding; a share of
    prompts (``prompt_dropout``) is replaced by the empty prompt, so the base can be sampled with true
-   classifier-free guidance (``MUSARPipeline(..., true_cfg_scale=...)``), as small text-to-image
-   models need to bind words firmly.
+   classifier-free guidance (``MUSARPipeline(..., true_cfg_scale=...)``).
 
 Pretraining stops at ``steps`` or at ``time_budget_min``, whichever comes first; ``toy_base.json``
 beside the model records what was done, the loss curve and the time each step took.
