@@ -24,6 +24,15 @@ def test_evaluation_cases_name_distinct_shapes_of_held_out_subjects(tmp_path):
         StudyConfig(true_cfg_scale=0.0)
 
 
+def test_study_refuses_true_cfg_on_a_base_without_prompt_dropout(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model_index.json").write_text("{}")
+    (base / "toy_base.json").write_text(json.dumps({"config": {"prompt_dropout": 0.0}}))
+    with pytest.raises(ValueError, match="pre-trained without prompt dropout"):
+        run_study(StudyConfig(base=str(base), output=str(tmp_path / "study"), true_cfg_scale=3.0))
+
+
 @pytest.mark.timeout(900)  # ten short Ray Train stages: about 250 s on an idle 2-core machine
 def test_short_study_produces_the_table(tmp_path, ray_local):
     base = build_toy_base(ToyBaseConfig(output=str(tmp_path / "base"), scenes=24, vae_steps=2, vae_batch=4, steps=2,
