@@ -100,6 +100,40 @@ def test_prompt_dropout_must_leave_some_prompts():
         ToyBaseConfig(prompt_dropout=1.0)
 
 
+def test_timestep_shift_moves_training_toward_high_noise():
+    """Shift s maps each logit-normal draw t to s t / (1 + (s - 1) t) on the same RNG stream, so
+    s = 1 reproduces earlier builds and s > 1 trains more where a silhouette is decided."""
+    import time
+
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from toystudy.base import _Pool, _t5, pretrain
+
+    tok = word_t5_tokenizer(max_length=12)
+    ids = tok(["a red solid circle"] * 8, padding="max_length", max_length=12, return_tensors="pt").input_ids
+    clip_ids = torch.zeros(8, 77, dtype=torch.long)
+    pool = _Pool(torch.randn(8, 16, 16), ids, torch.randn(8, 32), (4, 4), ids[:1], torch.zeros(1, 32), clip_ids,
+                 clip_ids[:1])  # fmt: skip
+    seen = {}
+    for shift in (1.0, 3.0):
+        torch.manual_seed(0)
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
+                                             pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))  # fmt: skip
+        seen[shift] = []
+        transformer.register_forward_pre_hook(lambda m, a, kw, s=shift: seen[s].append(kw["timestep"].clone()),
+                                              with_kwargs=True)  # fmt: skip
+        cfg = ToyBaseConfig(steps=5, batch=8, layers=1, single_layers=1, heads=2, head_dim=16, time_budget_min=None,
+                            prompt_dropout=0.0, timestep_shift=shift)  # fmt: skip
+        pretrain(cfg, [pool], _t5(64, len(tok)), lambda m: None, time.perf_counter(), transformer)
+    plain, shifted = torch.cat(seen[1.0]), torch.cat(seen[3.0])
+    torch.testing.assert_close(shifted, 3 * plain / (1 + 2 * plain))
+    assert (shifted > plain).all() and ((0 < shifted) & (shifted < 1)).all()
+    with pytest.raises(ValueError, match="timestep_shift must be > 0"):
+        ToyBaseConfig(timestep_shift=0.0)
+
+
 @pytest.mark.parametrize("train_clip", [False, True])
 def test_clip_trains_only_when_asked(train_clip):
     """A trained CLIP gives the AdaLN path the prompt's meaning; a frozen one must stay as saved."""

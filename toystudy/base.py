@@ -68,6 +68,9 @@ class ToyBaseConfig:
     # Train the tiny CLIP jointly too, so its pooled vector (FLUX's AdaLN path, like DiT's class
     # embedding) carries the prompt's meaning; frozen, it is a random hash of the prompt.
     train_clip: bool = False
+    # SD3's timestep shift applied to the logit-normal draw, t -> s t / (1 + (s - 1) t): s > 1 trains
+    # more at high noise, where a silhouette is decided (1.0: the plain logit-normal of earlier builds).
+    timestep_shift: float = 1.0
     overwrite: bool = False
     # Continue pretraining an earlier build (its VAE, text encoders and transformer; no VAE fit).
     resume_from: str | None = None
@@ -82,6 +85,8 @@ class ToyBaseConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.wide_fraction <= 1:
             raise ValueError(f"wide_fraction must lie in [0, 1], got {self.wide_fraction}")
+        if self.timestep_shift <= 0:
+            raise ValueError(f"timestep_shift must be > 0, got {self.timestep_shift}")
         if not 0 <= self.prompt_dropout < 1:
             raise ValueError(f"prompt_dropout must lie in [0, 1), got {self.prompt_dropout}")
 
@@ -264,6 +269,7 @@ def pretrain(
         idx = torch.randint(len(pool.latents), (cfg.batch,), generator=g)
         x0 = pool.latents[idx]
         t = torch.sigmoid(torch.randn(cfg.batch, generator=g))
+        t = cfg.timestep_shift * t / (1 + (cfg.timestep_shift - 1) * t)
         eps = torch.randn(x0.shape, generator=g)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
         ids, pooled, clip_ids = pool.ids[idx], pool.pooled[idx], pool.clip_ids[idx]
