@@ -80,7 +80,7 @@ def test_prompt_dropout_replaces_prompts_with_the_empty_prompt(dropout, expect):
 
     t5 = Recording()
     cfg = ToyBaseConfig(steps=6, batch=8, layers=1, single_layers=1, heads=2, head_dim=16, time_budget_min=None,
-                        prompt_dropout=dropout)  # fmt: skip
+                        prompt_dropout=dropout, train_clip=False)  # fmt: skip
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
                                          pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))  # fmt: skip
@@ -125,7 +125,7 @@ def test_timestep_shift_moves_training_toward_high_noise():
         transformer.register_forward_pre_hook(lambda m, a, kw, s=shift: seen[s].append(kw["timestep"].clone()),
                                               with_kwargs=True)  # fmt: skip
         cfg = ToyBaseConfig(steps=5, batch=8, layers=1, single_layers=1, heads=2, head_dim=16, time_budget_min=None,
-                            prompt_dropout=0.0, timestep_shift=shift)  # fmt: skip
+                            prompt_dropout=0.0, timestep_shift=shift, train_clip=False)  # fmt: skip
         pretrain(cfg, [pool], _t5(64, len(tok)), lambda m: None, time.perf_counter(), transformer)
     plain, shifted = torch.cat(seen[1.0]), torch.cat(seen[3.0])
     torch.testing.assert_close(shifted, 3 * plain / (1 + 2 * plain))

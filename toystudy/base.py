@@ -5,18 +5,18 @@ image regions, as real base models do. Built once, in three steps, and saved as 
 ``FluxPipeline`` folder that MUSAR's jobs and ``MUSARPipeline`` load exactly like FLUX.1-dev:
 
 1. tokenizers and text encoders: CLIP's real BPE tokenizer with a tiny CLIP text model (its pooled
-   vector only modulates; frozen at random init, or trained jointly with ``train_clip``), and a
+   vector only modulates; trained jointly, or frozen at random init with ``train_clip=false``), and a
    word-level T5 tokenizer over the world's vocabulary (:data:`toystudy.world.VOCABULARY`, each word
    one piece, capitalised too) with a tiny T5 encoder that is trained jointly with the transformer;
 2. an ``AutoencoderKL`` (4x downsampling, 4 latent channels: 8 px per packed token, so a 64 px panel
    is 8x8 tokens) fitted on rendered scenes, its shift and scale then set from the latents' statistics
    as FLUX's are;
-3. a ``FluxTransformer2DModel`` pre-trained with rectified flow on scenes of 1-3 objects described by
-   their prompts (each object fully or by its shape with some of its attributes, :func:`partial_prompt`),
-   square and 2:1 (the diptych's shape), prompts encoded as
-   FluxPipeline encodes them (padded, unmasked), no conditions, no guidance embedding; a share of
-   prompts (``prompt_dropout``) is replaced by the empty prompt, so the base can be sampled with true
-   classifier-free guidance (``MUSARPipeline(..., true_cfg_scale=...)``).
+3. a ``FluxTransformer2DModel`` pre-trained with rectified flow (timesteps logit-normal, shifted toward
+   high noise by ``timestep_shift``) on scenes of 1-3 objects described by their prompts (each object
+   fully or by its shape with some of its attributes, :func:`partial_prompt`), square and 2:1 (the
+   diptych's shape), prompts encoded as FluxPipeline encodes them (padded, unmasked), no conditions,
+   no guidance embedding; a share of prompts (``prompt_dropout``) is replaced by the empty prompt, so
+   the base can be sampled with true classifier-free guidance (``MUSARPipeline(..., true_cfg_scale=...)``).
 
 Pretraining stops at ``steps`` or at ``time_budget_min``, whichever comes first; ``toy_base.json``
 beside the model records what was done, the loss curve and the time each step took.
@@ -66,11 +66,13 @@ class ToyBaseConfig:
     # unconditional velocity that true classifier-free guidance (``true_cfg_scale``) needs.
     prompt_dropout: float = 0.1
     # Train the tiny CLIP jointly too, so its pooled vector (FLUX's AdaLN path, like DiT's class
-    # embedding) carries the prompt's meaning; frozen, it is a random hash of the prompt.
-    train_clip: bool = False
+    # embedding) carries the prompt's meaning; frozen, it is a random hash of the prompt. Binds
+    # colour and pattern to words (README, toy study).
+    train_clip: bool = True
     # SD3's timestep shift applied to the logit-normal draw, t -> s t / (1 + (s - 1) t): s > 1 trains
-    # more at high noise, where a silhouette is decided (1.0: the plain logit-normal of earlier builds).
-    timestep_shift: float = 1.0
+    # more at high noise, where this base decides a silhouette (benchmarks/toy_base_attributes.py);
+    # 1.0 is the plain logit-normal of earlier builds. 3 took shape from noise from 0.18 to 0.66.
+    timestep_shift: float = 3.0
     overwrite: bool = False
     # Continue pretraining an earlier build (its VAE, text encoders and transformer; no VAE fit).
     resume_from: str | None = None
