@@ -1,6 +1,7 @@
 """The training objective: rectified flow on target tokens only (FLUX / OminiControl).
 
-x_t = (1 - t) x0 + t eps, target velocity v = eps - x0, t ~ sigmoid(N(0, 1)), loss = MSE between
+x_t = (1 - t) x0 + t eps, target velocity v = eps - x0, t ~ sigmoid(N(0, 1)) (optionally shifted toward
+high noise by SD3's t -> s t / (1 + (s - 1) t)), loss = MSE between
 the prediction and v over the target tokens (the forward returns nothing else). Conditions enter
 clean, at t = 0 (the forward modulates them so); the guidance input is 1 as in OminiControl's
 training of guidance-distilled FLUX.1-dev, and there is no classifier-free dropout.
@@ -35,9 +36,15 @@ class EncodedBatch:
         return self.target_latents.shape[0]
 
 
-def sample_timesteps(batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """t ~ sigmoid(N(0, 1)): logit-normal, denser around t = 0.5."""
-    return torch.sigmoid(torch.randn(batch, generator=generator)).to(device)
+def sample_timesteps(
+    batch: int, generator: torch.Generator | None = None, device=None, shift: float = 1.0
+) -> torch.Tensor:
+    """t ~ sigmoid(N(0, 1)): logit-normal, denser around t = 0.5; ``shift`` s > 1 maps each draw to
+    s t / (1 + (s - 1) t) (SD3's resolution shift), training more where layout and shape are decided."""
+    if shift <= 0:
+        raise ValueError(f"timestep shift must be > 0, got {shift}")
+    t = torch.sigmoid(torch.randn(batch, generator=generator))
+    return (shift * t / (1 + (shift - 1) * t)).to(device)
 
 
 def flow_matching_loss(
@@ -46,9 +53,10 @@ def flow_matching_loss(
     *,
     generator: torch.Generator | None = None,
     guidance: float = 1.0,
+    timestep_shift: float = 1.0,
 ) -> torch.Tensor:
     x0 = batch.target_latents
-    t = sample_timesteps(batch.size, generator, x0.device).to(x0.dtype)
+    t = sample_timesteps(batch.size, generator, x0.device, timestep_shift).to(x0.dtype)
     eps = torch.randn(x0.shape, generator=generator).to(device=x0.device, dtype=x0.dtype)
     xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
     target = eps - x0

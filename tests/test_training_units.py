@@ -47,6 +47,19 @@ def test_timesteps_are_logit_normal():
     assert abs(t.mean().item() - 0.5) < 0.01 and abs(torch.logit(t).std().item() - 1) < 0.02
 
 
+def test_timestep_shift_moves_draws_toward_high_noise():
+    plain = sample_timesteps(20000, torch.Generator().manual_seed(0))
+    shifted = sample_timesteps(20000, torch.Generator().manual_seed(0), shift=3.0)
+    torch.testing.assert_close(shifted, 3 * plain / (1 + 2 * plain))  # the same draws, mapped
+    assert torch.equal(sample_timesteps(64, torch.Generator().manual_seed(1), shift=1.0),
+                       sample_timesteps(64, torch.Generator().manual_seed(1)))  # fmt: skip
+    assert abs(shifted.median().item() - 0.75) < 0.01
+    with pytest.raises(ValueError, match="timestep shift must be > 0"):
+        sample_timesteps(2, shift=0.0)
+    with pytest.raises(ValueError, match="timestep_shift must be > 0"):
+        TrainConfig(timestep_shift=-1.0)
+
+
 def test_loss_goes_down_when_overfitting_one_batch():
     stock = tiny_transformer(seed=31)
     model = MusarTransformer(stock).add_lora()

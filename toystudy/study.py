@@ -71,6 +71,7 @@ class StudyConfig:
     stage_steps: tuple[int, int, int] = (60, 30, 30)
     micro_batch_size: int = 4
     lr: float = 1e-3
+    timestep_shift: float = 1.0  # of the customisation training's timesteps (the toy base trains with 3)
     subject_rank: int = 16
     noise_rank: int = 4
     num_workers: int = 1
@@ -191,7 +192,7 @@ def _train(cfg: StudyConfig, variant: str, seed: int, shards: Path) -> Path:
         steps = sum(cfg.stage_steps) if spec["stages"] == (1,) else cfg.stage_steps[stage - 1]
         tc = TrainConfig(stage=stage, model=cfg.base, init_lora=lora, steps=steps, micro_batch_size=cfg.micro_batch_size,
                          grad_accum=1, num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, seed=seed,
-                         checkpoint_every=steps, log_every=min(steps, 20),
+                         checkpoint_every=steps, log_every=min(steps, 20), timestep_shift=cfg.timestep_shift,
                          output_dir=str(Path(cfg.output) / "train" / f"{variant}-seed{seed}"),
                          musar=musar_config(cfg, variant))  # fmt: skip
         tc.data.shards, tc.data.target_size, tc.data.max_prompt_tokens = str(shards), 64, PROMPT_TOKENS
@@ -315,7 +316,8 @@ def run_study(cfg: StudyConfig) -> Path:
         "# Toy-scale MUSAR study", "",
         f"Base: `{base}` ({base_info.get('total_steps', base_info.get('steps_done', '?'))} pretraining steps, "
         f"{base_info.get('timing_s', {}).get('total_s', '?')} s). Study (base excluded): {timing['total_s']:.0f} s.",
-        f"Training: stage steps {list(cfg.stage_steps)}, micro-batch {cfg.micro_batch_size}, lr {cfg.lr}, LoRA ranks "
+        f"Training: stage steps {list(cfg.stage_steps)}, micro-batch {cfg.micro_batch_size}, lr {cfg.lr}, timestep shift "
+        f"{cfg.timestep_shift}, LoRA ranks "
         f"{cfg.subject_rank}/{cfg.noise_rank}, seeds {list(cfg.seeds)}. Evaluation: {cfg.eval_cases} cases per subject "
         f"count x {cfg.eval_seeds} seeds, {cfg.held_out} held-out subjects, {cfg.inference_steps} steps, true CFG "
         f"scale {cfg.true_cfg_scale} (negative: the empty prompt, no subjects).", "",

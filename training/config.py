@@ -78,6 +78,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 10  # MLflow metrics and Ray Train reports (reporting every fast step stalls: loop.py)
     seed: int = 0
+    timestep_shift: float = 1.0  # > 1: more training at high noise (SD3 shift of the logit-normal draw)
     output_dir: str = "outputs/train"
     storage_path: str | None = None  # Ray Train storage (local path or s3://); None: <output_dir>/ray
     cpus_per_worker: int = 1
@@ -93,6 +94,8 @@ class TrainConfig:
         for name in ("micro_batch_size", "grad_accum", "num_workers", "checkpoint_every", "log_every", "cpus_per_worker"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.timestep_shift <= 0:
+            raise ValueError(f"timestep_shift must be > 0, got {self.timestep_shift}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.zero_stage not in (0, 1, 2, 3):

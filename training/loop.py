@@ -123,7 +123,8 @@ def train_loop_per_worker(config: dict) -> None:
             else:
                 batch = encode_samples(samples_from_batch(next(streams[name])), enc, **sizes)
             generator = torch.Generator().manual_seed(_seed(cfg.seed, "noise", step, micro, rank))
-            loss = flow_matching_loss(engine, batch, generator=generator, guidance=1.0)
+            loss = flow_matching_loss(engine, batch, generator=generator, guidance=1.0,
+                                      timestep_shift=cfg.timestep_shift)  # fmt: skip
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
