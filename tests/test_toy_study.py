@@ -24,6 +24,19 @@ def test_evaluation_cases_name_distinct_shapes_of_held_out_subjects(tmp_path):
         StudyConfig(true_cfg_scale=0.0)
 
 
+def test_each_variant_switches_exactly_its_core_switches():
+    from toystudy.study import VARIANTS, musar_config
+
+    full = musar_config(StudyConfig(), "full")
+    switches = ("static_routing", "dynamic_routing", "shared_lora", "condition_compaction")
+    for name, spec in VARIANTS.items():
+        cfg = musar_config(StudyConfig(), name)
+        changed = {k for k in switches if getattr(cfg, k) != getattr(full, k)}
+        assert changed == set(spec["musar"]), name
+    # no_bias_mitigation is exactly no_static + shared_lora
+    assert VARIANTS["no_bias_mitigation"]["musar"] == {**VARIANTS["no_static"]["musar"], **VARIANTS["shared_lora"]["musar"]}
+
+
 def test_study_refuses_true_cfg_on_a_base_without_prompt_dropout(tmp_path):
     base = tmp_path / "base"
     base.mkdir()

@@ -52,6 +52,10 @@ VARIANTS: dict[str, dict] = {
     # Not one of the paper's ablations: the full model with compact conditions (references at half the
     # side, a quarter of the tokens), for their quality cost. Opt in: variants=[..., full_compact_x2].
     "full_compact_x2": {"stages": (1, 2, 3), "musar": {"condition_compaction": 2}},
+    # Not the paper's either: no_bias_mitigation's two changes one at a time, to tell which of them
+    # lets single subjects customise at toy scale (README). Opt in like full_compact_x2.
+    "no_static": {"stages": (1, 2, 3), "musar": {"static_routing": False}},
+    "shared_lora": {"stages": (1, 2, 3), "musar": {"shared_lora": True}},
 }
 DEFAULT_VARIANTS = ("full", "no_diptych", "no_bias_mitigation", "no_dynamic")
 BASE = "base (untrained)"
