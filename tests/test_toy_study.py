@@ -22,6 +22,8 @@ def test_evaluation_cases_name_distinct_shapes_of_held_out_subjects(tmp_path):
         StudyConfig(variants=("full", "no_routing"))
     with pytest.raises(ValueError, match="true_cfg_scale must be >= 1"):
         StudyConfig(true_cfg_scale=0.0)
+    with pytest.raises(ValueError, match="timestep_shift must be > 0"):
+        StudyConfig(timestep_shift=0.0)
 
 
 def test_each_variant_switches_exactly_its_core_switches():

@@ -247,6 +247,7 @@ def pretrain(
     from diffusers import FluxTransformer2DModel
 
     from musar_core.conditions import image_ids, text_ids
+    from musar_core.objective import sample_timesteps
 
     rope = cfg.head_dim // 4  # FLUX: 16 of 128 for the id axis, 56 + 56 for rows and columns
     transformer = transformer or FluxTransformer2DModel(
@@ -270,8 +271,7 @@ def pretrain(
         pool = pools[int(torch.multinomial(weights, 1, generator=g))] if len(pools) > 1 else pools[0]
         idx = torch.randint(len(pool.latents), (cfg.batch,), generator=g)
         x0 = pool.latents[idx]
-        t = torch.sigmoid(torch.randn(cfg.batch, generator=g))
-        t = cfg.timestep_shift * t / (1 + (cfg.timestep_shift - 1) * t)
+        t = sample_timesteps(cfg.batch, g, shift=cfg.timestep_shift)
         eps = torch.randn(x0.shape, generator=g)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
         ids, pooled, clip_ids = pool.ids[idx], pool.pooled[idx], pool.clip_ids[idx]

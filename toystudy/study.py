@@ -101,6 +101,8 @@ class StudyConfig:
             raise ValueError(f"stage_steps needs three positive step counts, got {self.stage_steps}")
         if not self.seeds:
             raise ValueError("seeds must name at least one training seed")
+        if self.timestep_shift <= 0:
+            raise ValueError(f"timestep_shift must be > 0, got {self.timestep_shift}")
         if self.true_cfg_scale < 1:
             raise ValueError(f"true_cfg_scale must be >= 1 (1 turns it off), got {self.true_cfg_scale}")
         if not 3 <= self.held_out < len(ALL_SUBJECTS):
