@@ -36,7 +36,7 @@ def main() -> None:
     from musar_core import MusarConfig, MUSARPipeline
     from musar_core.conditions import image_ids, text_ids
     from musar_core.encoding import encode_images, encode_target_prompt
-    from toystudy.base import T5_MAX_LENGTH
+    from toystudy.base import T5_MAX_LENGTH, _pixels
     from toystudy.detector import detect
     from toystudy.world import sample_scene
 
@@ -44,9 +44,7 @@ def main() -> None:
     enc, transformer = pipe.encoders, pipe.transformer
     rng = np.random.default_rng(args.seed)
     scenes = [sample_scene(rng, 1) for _ in range(args.cases)]
-    pixels = torch.stack(
-        [torch.from_numpy(np.array(s.render(64, rng))).permute(2, 0, 1).float() / 127.5 - 1 for s in scenes]
-    )
+    pixels = _pixels(np.stack([np.asarray(s.render(64, rng)).transpose(2, 0, 1) for s in scenes]))
     n = len(scenes)
     with torch.no_grad():
         x0, grid = encode_images(enc.vae, pixels)

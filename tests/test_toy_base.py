@@ -52,6 +52,25 @@ def test_micro_base_builds_and_loads_like_flux(tmp_path):
     assert info["steps_done"] == 2 and info["total_steps"] == 5 and info["resumed_from"]["steps"] == 3
 
 
+def test_attribute_benchmark_reads_a_base_at_each_noise_level(tmp_path, monkeypatch, capsys):
+    """benchmarks/toy_base_attributes.py on a micro base: one table row per sigma, rates in [0, 1]."""
+    import runpy
+    from pathlib import Path
+
+    out = build_toy_base(ToyBaseConfig(output=str(tmp_path / "base"), scenes=8, vae_steps=1, vae_batch=2, steps=1,
+                                       batch=2, time_budget_min=None))  # fmt: skip
+    script = str(Path(__file__).resolve().parents[1] / "benchmarks" / "toy_base_attributes.py")
+    argv = [script, "--base", str(out), "--cases", "3", "--steps", "1", "--sigmas", "0.5", "1"]
+    monkeypatch.setattr("sys.argv", argv)
+    runpy.run_path(script, run_name="__main__")
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| 0.5 |") or r.startswith("| 1 |")]
+    assert len(rows) == 2
+    assert all(0 <= float(v) <= 1 for r in rows for v in r.split("|")[2:7])
+    monkeypatch.setattr("sys.argv", [*argv, "--cfg", "0.5"])
+    with pytest.raises(SystemExit):  # argparse refuses a guidance scale below 1
+        runpy.run_path(script, run_name="__main__")
+
+
 @pytest.mark.parametrize("dropout, expect", [(0.0, "none"), (0.5, "some")])
 def test_prompt_dropout_replaces_prompts_with_the_empty_prompt(dropout, expect):
     """The unconditional velocity that true CFG needs is only learnt if empty prompts are trained on."""
