@@ -24,17 +24,27 @@ def image_ids(height: int, width: int, plane: int = 0, device=None, dtype=torch.
 
 
 def condition_image_ids(
-    k: int, height: int, width: int, device=None, dtype=torch.float32, compaction: int = 1
+    k: int, height: int, width: int, device=None, dtype=torch.float32, compaction: int = 1,
+    scheme: str = "plane_offset_v1",
 ) -> torch.Tensor:
-    """RoPE ids of condition k's image tokens: plane k + 1 (scheme ``plane_offset_v1``).
+    """RoPE ids of condition k's image tokens (``MusarConfig.rope_scheme``).
+
+    - ``plane_offset_v1`` (default): plane k + 1, the condition's own rows and columns.
+    - ``left_panels_v1``: plane 0, columns shifted left by (k + 1) condition widths, so condition k is
+      the (k + 1)-th panel left of the target (columns >= 0): no condition shares a position with the
+      target or another condition, whatever the target's size.
 
     With ``compaction`` f > 1 the grid is a reference encoded f times smaller: each token stands for
     an f x f patch of the full grid and sits at that patch's centre (row * f + (f - 1) / 2), so the
     compact reference spans the positions a full-size one would.
     """
-    ids = image_ids(height, width, plane=k + 1, device=device, dtype=dtype)
+    if scheme not in ("plane_offset_v1", "left_panels_v1"):
+        raise ValueError(f"unknown RoPE scheme {scheme!r}: plane_offset_v1 or left_panels_v1")
+    ids = image_ids(height, width, plane=k + 1 if scheme == "plane_offset_v1" else 0, device=device, dtype=dtype)
     if compaction != 1:
         ids[:, 1:] = ids[:, 1:] * compaction + (compaction - 1) / 2
+    if scheme == "left_panels_v1":
+        ids[:, 2] -= (k + 1) * width * compaction
     return ids
 
 

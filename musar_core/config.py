@@ -36,7 +36,10 @@ SINGLE_BLOCK_LORA_TARGETS: tuple[str, ...] = (
 
 # Condition image plane k sits on RoPE axis 0 at k + 1 (FLUX.1 Kontext style); the target is plane 0.
 ROPE_SCHEME_PLANE_OFFSET = "plane_offset_v1"
-ROPE_SCHEMES = (ROPE_SCHEME_PLANE_OFFSET,)
+# Condition k sits on the target's plane, in the (k + 1)-th panel to the left of column 0, like the left
+# part of a diptych (OminiControl's shifted positions for subject conditions; README, toy study).
+ROPE_SCHEME_LEFT_PANELS = "left_panels_v1"
+ROPE_SCHEMES = (ROPE_SCHEME_PLANE_OFFSET, ROPE_SCHEME_LEFT_PANELS)
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,7 @@ class MusarConfig:
 __all__ = [
     "DOUBLE_BLOCK_LORA_TARGETS",
     "SINGLE_BLOCK_LORA_TARGETS",
+    "ROPE_SCHEME_LEFT_PANELS",
     "ROPE_SCHEME_PLANE_OFFSET",
     "MusarConfig",
 ]

@@ -125,11 +125,12 @@ def encode_conditions(
     condition_size: int = 512,
     max_prompt_tokens: int = 64,
     compaction: int = 1,
+    rope_scheme: str = "plane_offset_v1",
 ) -> ConditionTokens:
     """Conditions for a batch: ``images[k][b]`` and ``prompts[k][b]`` are condition k of sample b.
 
     ``compaction`` f: references are encoded at ``condition_size / f`` with RoPE positions scaled by f
-    (``MusarConfig.condition_compaction``).
+    (``MusarConfig.condition_compaction``); ``rope_scheme``: ``MusarConfig.rope_scheme``.
     """
     if condition_size % (16 * compaction):
         raise ValueError(f"condition_size {condition_size} / compaction {compaction} is not a multiple of 16")
@@ -143,7 +144,8 @@ def encode_conditions(
         latents, (rows, cols) = encode_images(enc.vae, pixels)
         embeds, mask = _t5(enc, texts, max_prompt_tokens, pad_to_max=False)
         out.image_latents.append(latents)
-        out.image_ids.append(condition_image_ids(k, rows, cols, device=latents.device, compaction=compaction))
+        out.image_ids.append(condition_image_ids(k, rows, cols, device=latents.device, compaction=compaction,
+                                                 scheme=rope_scheme))  # fmt: skip
         out.prompt_embeds.append(embeds)
         out.prompt_mask.append(None if bool(mask.all()) else mask)
         out.pooled.append(clip_pooled(enc, texts))

@@ -200,7 +200,7 @@ class MUSARPipeline:
                 cfg = self.transformer.config
                 conditions = encode_conditions(enc, images, texts, condition_size=cfg.condition_size,
                                                max_prompt_tokens=cfg.condition_prompt_max_tokens,
-                                               compaction=cfg.condition_compaction)  # fmt: skip
+                                               compaction=cfg.condition_compaction, rope_scheme=cfg.rope_scheme)  # fmt: skip
         prompt_embeds = prompt_embeds.repeat_interleave(repeat, 0).to(device)
         pooled = pooled.repeat_interleave(repeat, 0).to(device)
         phrase_spans = torch.tensor([s for s in spans for _ in range(repeat)], device=device) if c else None

@@ -132,6 +132,12 @@ def test_training_reads_encoded_rows_like_it_encodes_images(encoded_shards, flux
         assert got.prompt_mask.sum(1).tolist() == lengths
     with pytest.raises(ValueError, match="data.target_size=32 needs"):
         encoded_batch(_numpy_batch(encoded, 2), **{**sizes, "target_size": 32})
+    # The training config's RoPE scheme reaches the condition ids on both paths alike.
+    left = {**sizes, "rope_scheme": "left_panels_v1"}
+    got, want = encoded_batch(_numpy_batch(encoded, 2), **left), encode_samples(samples_from_batch(_numpy_batch(samples, 2)), enc, **left)
+    for k in range(len(want.conditions)):
+        assert torch.equal(got.conditions.image_ids[k], want.conditions.image_ids[k])
+        assert (got.conditions.image_ids[k][:, 0] == 0).all() and got.conditions.image_ids[k][:, 2].max() < 0
 
 
 def test_stage_trains_from_encoded_shards(encoded_shards, flux_path, tmp_path):

@@ -52,6 +52,23 @@ def test_flux_dev_shapes_with_five_conditions_on_meta(target_hw):
     assert torch.unique(ids, dim=0).shape[0] == ids.shape[0]
 
 
+@pytest.mark.parametrize("compaction", [1, 2])
+def test_left_panel_rope_scheme_puts_each_condition_in_its_own_panel_left_of_the_target(compaction):
+    """left_panels_v1: plane 0, condition k in columns [-(k+1) W, -k W): never on the target's positions
+    (columns >= 0, any target size) nor another condition's; rows as the target's."""
+    side = 8 // compaction
+    conds = [condition_image_ids(k, side, side, compaction=compaction, scheme="left_panels_v1") for k in range(3)]
+    for k, ids in enumerate(conds):
+        assert (ids[:, 0] == 0).all() and ids[:, 1].min() >= 0 and ids[:, 1].max() < 8
+        assert ids[:, 2].min() >= -8 * (k + 1) and ids[:, 2].max() < -8 * k
+    every = torch.cat([image_ids(8, 24)] + conds)  # a 3-panel-wide target too
+    assert torch.unique(every, dim=0).shape[0] == every.shape[0]
+    default = condition_image_ids(1, side, side, compaction=compaction)
+    assert torch.equal(default[:, 1:], conds[1][:, 1:] + torch.tensor([0.0, 16.0])) and (default[:, 0] == 2).all()
+    with pytest.raises(ValueError, match="unknown RoPE scheme"):
+        condition_image_ids(0, 4, 4, scheme="shared")
+
+
 def test_loads_sharded_safetensors_folder(tmp_path):
     stock = tiny_transformer(seed=12)
     stock.save_pretrained(tmp_path / "transformer", max_shard_size="20KB")

@@ -66,6 +66,7 @@ def encode_samples(
     target_size: int,
     condition_size: int,
     compaction: int = 1,
+    rope_scheme: str = "plane_offset_v1",
     max_prompt_tokens: int,
     max_condition_prompt_tokens: int,
     device: torch.device,
@@ -83,7 +84,7 @@ def encode_samples(
     conditions = encode_conditions(enc, [[s.cond_images[k] for s in samples] for k in range(c)],
                                    [[s.cond_prompts[k] for s in samples] for k in range(c)],
                                    condition_size=condition_size, max_prompt_tokens=max_condition_prompt_tokens,
-                                   compaction=compaction)  # fmt: skip
+                                   compaction=compaction, rope_scheme=rope_scheme)  # fmt: skip
     spans = None
     if c >= 2:
         spans = torch.tensor([[phrase_token_span(enc.tokenizer_2, s.target_prompt, a, b, max_len)

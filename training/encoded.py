@@ -45,6 +45,7 @@ def encoded_batch(
     target_size: int,
     condition_size: int,
     compaction: int = 1,
+    rope_scheme: str = "plane_offset_v1",
     max_prompt_tokens: int,
     max_condition_prompt_tokens: int,
     device: torch.device,
@@ -83,7 +84,8 @@ def encoded_batch(
             )
         embeds, mask = _pad([r[f"condition_t5_{k}"][:max_condition_prompt_tokens] for r in rows])
         conditions.image_latents.append(latents.to(device, dtype))
-        conditions.image_ids.append(condition_image_ids(k, cond_side, cond_side, device=device, compaction=compaction))
+        conditions.image_ids.append(condition_image_ids(k, cond_side, cond_side, device=device, compaction=compaction,
+                                                        scheme=rope_scheme))  # fmt: skip
         conditions.prompt_embeds.append(embeds.to(device, dtype))
         conditions.prompt_mask.append(None if mask is None else mask.to(device))
         conditions.pooled.append(torch.stack([r[f"condition_clip_{k}"] for r in rows]).to(device, dtype))

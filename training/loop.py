@@ -116,7 +116,8 @@ def train_loop_per_worker(config: dict) -> None:
         for micro in range(cfg.grad_accum):
             name = choose_dataset(cfg, step, micro)
             sizes = dict(target_size=cfg.data.target_size, condition_size=cfg.musar.condition_size,
-                         compaction=cfg.musar.condition_compaction, max_prompt_tokens=cfg.data.max_prompt_tokens,
+                         compaction=cfg.musar.condition_compaction, rope_scheme=cfg.musar.rope_scheme,
+                         max_prompt_tokens=cfg.data.max_prompt_tokens,
                          max_condition_prompt_tokens=cfg.musar.condition_prompt_max_tokens, device=device, dtype=dtype)  # fmt: skip
             if enc is None:
                 batch = encoded_batch(next(streams[name]), pixels_per_token=token_pixels, **sizes)
