@@ -47,9 +47,37 @@ def test_micro_base_builds_and_loads_like_flux(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=true"):
         build_toy_base(cfg)
     more = build_toy_base(ToyBaseConfig(**{**cfg.__dict__, "output": str(tmp_path / "more"), "steps": 2,
-                                           "resume_from": str(out), "train_clip": True}))  # fmt: skip
+                                           "resume_from": str(out), "train_clip": True, "pair_fraction": 0.25}))  # fmt: skip
     info = json.loads((more / "toy_base.json").read_text())
     assert info["steps_done"] == 2 and info["total_steps"] == 5 and info["resumed_from"]["steps"] == 3
+    assert info["config"]["pair_fraction"] == 0.25  # three pools (square, wide, pairs) trained on
+    with pytest.raises(ValueError, match="pair_fraction"):
+        ToyBaseConfig(wide_fraction=0.5, pair_fraction=0.6)
+
+
+def test_pair_scenes_repeat_one_subject_and_name_the_right_panel_by_shape_alone():
+    """The copy prior: the right panel's colour and pattern are in the left panel's pixels, never in words."""
+    import numpy as np
+
+    from pipelines.samples import LEFT_INTRO, RIGHT_INTRO
+    from toystudy.base import pair_scene
+    from toystudy.detector import detect
+    from toystudy.world import ALL_SUBJECTS
+
+    tok = word_t5_tokenizer()
+    for i in range(12):
+        subject = ALL_SUBJECTS[(37 * i) % len(ALL_SUBJECTS)]
+        image, prompt = pair_scene(subject, 64, np.random.default_rng(i))
+        again, same = pair_scene(subject, 64, np.random.default_rng(i))
+        assert (np.asarray(image) == np.asarray(again)).all() and prompt == same  # deterministic
+        assert image.size == (128, 64)
+        for half in (image.crop((0, 0, 64, 64)), image.crop((64, 0, 128, 64))):
+            assert [d.subject for d in detect(half)] == [subject]
+        left, right = prompt.removeprefix(LEFT_INTRO).split(RIGHT_INTRO)
+        name, description = right.split(". ", 1)
+        assert name == subject.shape.capitalize() and "this item" in description  # colour, pattern unnamed
+        assert left.split(".")[0].lower().endswith(subject.shape)
+        assert tok.unk_token_id not in tok(prompt).input_ids
 
 
 def test_attribute_benchmark_reads_a_base_at_each_noise_level(tmp_path, monkeypatch, capsys):

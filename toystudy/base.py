@@ -16,7 +16,10 @@ image regions, as real base models do. Built once, in three steps, and saved as 
    fully or by its shape with some of its attributes, :func:`partial_prompt`), square and 2:1 (the
    diptych's shape), prompts encoded as FluxPipeline encodes them (padded, unmasked), no conditions,
    no guidance embedding; a share of prompts (``prompt_dropout``) is replaced by the empty prompt, so
-   the base can be sampled with true classifier-free guidance (``MUSARPipeline(..., true_cfg_scale=...)``).
+   the base can be sampled with true classifier-free guidance (``MUSARPipeline(..., true_cfg_scale=...)``);
+   optionally (``pair_fraction``) also *pair scenes*: one subject shown twice side by side, described
+   in Subject200K's diptych words (:func:`pair_scene`), the in-context copy prior a real base gets from
+   the web's many diptychs and that MUSAR's reference conditions build on.
 
 Pretraining stops at ``steps`` or at ``time_budget_min``, whichever comes first; ``toy_base.json``
 beside the model records what was done, the loss curve and the time each step took.
@@ -76,6 +79,10 @@ class ToyBaseConfig:
     overwrite: bool = False
     # Continue pretraining an earlier build (its VAE, text encoders and transformer; no VAE fit).
     resume_from: str | None = None
+    # Share of scenes (and of pretraining steps) that are pair scenes (:func:`pair_scene`): one subject
+    # twice, in two panels of a 2:1 frame, the right panel's colour and pattern never named. 0 (w5's
+    # recipe) renders none and draws no extra random numbers.
+    pair_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.image_size % 16:
@@ -87,6 +94,9 @@ class ToyBaseConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.wide_fraction <= 1:
             raise ValueError(f"wide_fraction must lie in [0, 1], got {self.wide_fraction}")
+        if not 0 <= self.pair_fraction < 1 or self.wide_fraction + self.pair_fraction > 1:
+            raise ValueError(f"pair_fraction must lie in [0, 1) with wide_fraction + pair_fraction <= 1, got "
+                             f"pair_fraction={self.pair_fraction}, wide_fraction={self.wide_fraction}")  # fmt: skip
         if self.timestep_shift <= 0:
             raise ValueError(f"timestep_shift must be > 0, got {self.timestep_shift}")
         if not 0 <= self.prompt_dropout < 1:
@@ -146,10 +156,61 @@ def partial_prompt(scene, rng: np.random.Generator) -> str:
     parts = []
     for subject, placement in zip(scene.subjects, scene.placements):
         level = DETAIL_LEVELS[int(rng.choice(len(DETAIL_LEVELS), p=[w for _, w in DETAIL_LEVELS]))][0]
-        words = [getattr(subject, a) for a in ("colour", "pattern") if a in level] + [subject.shape]
-        article = "an" if words[0][0] in "aeiou" else "a"
-        parts.append(f"{article} {' '.join(words)} {placement.location}")
+        parts.append(f"{_phrase(subject, level)} {placement.location}")
     return objects_prompt(parts, scene.background)
+
+
+def _words(subject, level: tuple[str, ...]) -> str:
+    """The subject's shape with the attributes ``level`` names: 'red triangle', 'triangle'."""
+    return " ".join([getattr(subject, a) for a in ("colour", "pattern") if a in level] + [subject.shape])
+
+
+def _phrase(subject, level: tuple[str, ...]) -> str:
+    words = _words(subject, level)
+    return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
+
+
+def pair_scene(subject, size: int, rng: np.random.Generator):
+    """(image (size x 2 size), prompt): ``subject`` in two panels (own placement and background each).
+
+    The prompt is MUSAR's diptych sentence (``pipelines.samples.diptych_prompt``), each panel named as
+    Subject200K's ``item`` is: the left fully or in part (:data:`DETAIL_LEVELS`), the right by its shape alone, so
+    the right panel's colour and pattern can only come from the left panel's pixels. A base that
+    learns this has an image-to-image copy prior that does not depend on where the object sits, which
+    is what a reference condition asks of it (README, toy study).
+    """
+    from PIL import Image
+
+    from pipelines.samples import diptych_prompt
+
+    from .world import BACKGROUNDS, describe_panel, render_scene, sample_placements
+
+    names = list(BACKGROUNDS)
+    backgrounds = [names[int(k)] for k in rng.choice(len(names), size=2, replace=False)]
+    canvas = Image.new("RGB", (2 * size, size))
+    descriptions = []
+    for panel, background in enumerate(backgrounds):
+        placement = sample_placements([subject], rng)[0]
+        canvas.paste(render_scene([subject], [placement], background, size, rng), (panel * size, 0))
+        descriptions.append(describe_panel(placement, background, rng))
+    level = DETAIL_LEVELS[int(rng.choice(len(DETAIL_LEVELS), p=[w for _, w in DETAIL_LEVELS]))][0]
+    left, right = _words(subject, level).capitalize(), _words(subject, ()).capitalize()
+    prompt, _ = diptych_prompt(left, descriptions[0], right, descriptions[1])
+    return canvas, prompt
+
+
+def render_pairs(cfg: ToyBaseConfig, count: int, rng: np.random.Generator):
+    """(uint8 images (N, 3, H, 2H), prompts) of pair scenes (:func:`pair_scene`)."""
+    from .world import ALL_SUBJECTS
+
+    h = cfg.image_size
+    images = np.empty((count, 3, h, 2 * h), np.uint8)
+    prompts = []
+    for i in range(count):
+        image, prompt = pair_scene(ALL_SUBJECTS[int(rng.integers(len(ALL_SUBJECTS)))], h, rng)
+        images[i] = np.asarray(image).transpose(2, 0, 1)
+        prompts.append(prompt)
+    return images, prompts
 
 
 def render_pool(cfg: ToyBaseConfig, count: int, wide: bool, rng: np.random.Generator):
@@ -260,7 +321,9 @@ def pretrain(
     params = [p for module in trained for p in module.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    weights = torch.tensor([1 - cfg.wide_fraction, cfg.wide_fraction])[: len(pools)]
+    # Pools in order: square, wide (if any), pairs (if any); each drawn with its share of the scenes.
+    shares = [1 - cfg.wide_fraction - cfg.pair_fraction] + [cfg.wide_fraction] * (cfg.wide_fraction > 0)
+    weights = torch.tensor(shares + [cfg.pair_fraction] * (cfg.pair_fraction > 0))[: len(pools)]
     budget = None if cfg.time_budget_min is None else cfg.time_budget_min * 60
     history, step_times = [], []
     for module in trained:
@@ -333,10 +396,12 @@ def build_toy_base(cfg: ToyBaseConfig) -> Path:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     wide_count = int(round(cfg.scenes * cfg.wide_fraction))
-    square = render_pool(cfg, cfg.scenes - wide_count, False, rng)
+    pair_count = int(round(cfg.scenes * cfg.pair_fraction))
+    square = render_pool(cfg, cfg.scenes - wide_count - pair_count, False, rng)
     wide = render_pool(cfg, wide_count, True, rng) if wide_count else None
+    pairs = render_pairs(cfg, pair_count, rng) if pair_count else None
     timing["render_s"] = round(time.perf_counter() - started, 1)
-    log(f"rendered {cfg.scenes} scenes ({wide_count} wide)")
+    log(f"rendered {cfg.scenes} scenes ({wide_count} wide, {pair_count} pairs)")
 
     transformer, previous = None, {}
     if cfg.resume_from:
@@ -358,8 +423,9 @@ def build_toy_base(cfg: ToyBaseConfig) -> Path:
     timing["vae_s"] = round(time.perf_counter() - started - timing["render_s"], 1)
     clip.eval().requires_grad_(False)
     pools = [_encode_pool(*square, vae, tokenizer, clip_tokenizer, clip)]
-    if wide is not None:
-        pools.append(_encode_pool(*wide, vae, tokenizer, clip_tokenizer, clip))
+    for extra in (wide, pairs):
+        if extra is not None:
+            pools.append(_encode_pool(*extra, vae, tokenizer, clip_tokenizer, clip))
     transformer, stats = pretrain(cfg, pools, t5, log, started, transformer, clip)
     stats["total_steps"] = stats["steps_done"] + int(previous.get("total_steps", previous.get("steps_done", 0)))
     if previous:
@@ -381,4 +447,5 @@ def build_toy_base(cfg: ToyBaseConfig) -> Path:
     return out
 
 
-__all__ = ["T5_MAX_LENGTH", "ToyBaseConfig", "build_toy_base", "render_pool", "word_t5_tokenizer"]
+__all__ = ["T5_MAX_LENGTH", "ToyBaseConfig", "build_toy_base", "pair_scene", "render_pairs", "render_pool",
+           "word_t5_tokenizer"]
