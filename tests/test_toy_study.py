@@ -24,6 +24,8 @@ def test_evaluation_cases_name_distinct_shapes_of_held_out_subjects(tmp_path):
         StudyConfig(true_cfg_scale=0.0)
     with pytest.raises(ValueError, match="timestep_shift must be > 0"):
         StudyConfig(timestep_shift=0.0)
+    with pytest.raises(ValueError, match="rope_scheme must be one of"):
+        StudyConfig(rope_scheme="shared")
 
 
 def test_each_variant_switches_exactly_its_core_switches():
@@ -57,17 +59,21 @@ def test_short_study_produces_the_table(tmp_path, ray_local):
                       tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")  # fmt: skip
     report = run_study(cfg)
     text = report.read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| model")]
-    assert [r.split(" | ")[0][2:] for r in rows] == ["base (untrained)", "base, subjects described in words", *DEFAULT_VARIANTS]
+    main, placed = text.split("\nPlaced: ")
+    names = ["base (untrained)", "base, subjects described in words", "base + references, no MUSAR training",
+             *DEFAULT_VARIANTS]
+    for table in (main, placed):  # the fidelity/entanglement table, then the placed table, same rows
+        rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+        assert [r.split(" | ")[0][2:] for r in rows] == names
     results = json.loads((report.parent / "results.json").read_text())["results"]
     for name, runs in results.items():
         assert all(set(run) == {"1", "2", "3"} for run in runs), name
-        assert all(0 <= run[n]["fidelity"] <= 1 for run in runs for n in run)
+        assert all(0 <= run[n]["fidelity"] <= 1 and 0 <= run[n]["placed"] <= run[n]["fidelity"] for run in runs for n in run)
     assert (report.parent / "samples.png").is_file()
     assert f"true CFG scale {cfg.true_cfg_scale}" in text
     client = mlflow.tracking.MlflowClient(cfg.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("musar-toy-study").experiment_id],
                               filter_string="attributes.run_name = 'toy-study'")  # fmt: skip
-    assert len(runs) == 1 and "full.fidelity_2" in runs[0].data.metrics
+    assert len(runs) == 1 and {"full.fidelity_2", "full.placed_2"} <= set(runs[0].data.metrics)
     with pytest.raises(FileExistsError, match="overwrite=true"):
         run_study(cfg)

@@ -213,6 +213,20 @@ def test_measure_correct_and_swapped_images():
     assert table[2]["cases"] == 4 and table[2]["subjects"] == 8
 
 
+def test_placed_needs_the_subject_at_the_prompts_location():
+    image = picture(TRIANGLE, CIRCLE)  # triangle on the left, circle on the right
+    at_place = measure(image, [TRIANGLE, CIRCLE], [LEFT, RIGHT])
+    assert [(o.present, o.placed) for o in at_place] == [(True, True), (True, True)]
+    swapped = measure(image, [TRIANGLE, CIRCLE], [RIGHT, LEFT])  # present, but not where the prompt asked
+    assert [(o.present, o.placed) for o in swapped] == [(True, False), (True, False)]
+    absent = measure(picture(CIRCLE), [TRIANGLE], [LEFT])
+    assert [(o.present, o.placed) for o in absent] == [(False, False)]
+    assert aggregate([at_place, swapped])[2]["placed"] == 0.5
+    assert "placed" not in aggregate([measure(image, [TRIANGLE, CIRCLE])])[2]  # no placements, no column
+    with pytest.raises(ValueError, match="placements"):
+        measure(image, [TRIANGLE, CIRCLE], [LEFT])
+
+
 def test_measure_fidelity_is_one_on_rendered_cases():
     cases = [measure(image, scene.subjects) for scene, image in scenes(21, 60)]
     table = aggregate(cases)

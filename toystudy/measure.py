@@ -14,9 +14,15 @@ matched one-to-one to the requested subjects:
   colour or pattern in place of its own: ``colour == other.colour != own.colour`` or the same for
   pattern. Attributes two subjects share cannot leak, so they never count.
 
+* **placed** (only when the case's placements are given): present, and the detection's centre lies
+  in the third of the frame (row and column) that the prompt's location words name. Not part of
+  fidelity (the issue's measure); it tells a model that follows the prompt's layout from one that
+  pastes its reference wherever the reference had it.
+
 Unmatched detections (extra or duplicated objects) count for neither. :func:`aggregate` averages
 ``present`` (fidelity) and ``entangled`` (entanglement) over every requested subject, separately
-for 1-, 2- and 3-subject cases; entanglement is 0 by definition for single subjects.
+for 1-, 2- and 3-subject cases; entanglement is 0 by definition for single subjects; ``placed`` is
+averaged the same way when every outcome has it.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from dataclasses import dataclass
 from itertools import product
 
 from .detector import Detection, detect
-from .world import Subject
+from .world import Placement, Subject
 
 MAX_CANDIDATES = 6  # detections of one shape considered per subject (largest first)
 
@@ -37,6 +43,7 @@ class Outcome:
     detection: Detection | None  # the matched detection, None when no object of its shape was matched
     present: bool
     entangled: bool
+    placed: bool | None = None  # present at the requested location; None when no placement was given
 
 
 def _pair_score(subject: Subject, det: Detection) -> int:
@@ -78,9 +85,25 @@ def judge(subjects: Sequence[Subject], detections: Sequence[Detection]) -> list[
     return outcomes
 
 
-def measure(image, subjects: Sequence[Subject]) -> list[Outcome]:
-    """Detect the objects in ``image`` and judge each requested subject (see the module docstring)."""
-    return judge(subjects, detect(image))
+def location_of(bbox: tuple[int, int, int, int], size: tuple[int, int]) -> str:
+    """The location words (``Placement.location``) of a box's centre in a frame of ``size`` (w, h)."""
+    (x0, y0, x1, y1), (w, h) = bbox, size
+    return Placement((x0 + x1) / 2 / w, (y0 + y1) / 2 / h, 0.0).location
+
+
+def measure(image, subjects: Sequence[Subject], placements: Sequence[Placement] | None = None) -> list[Outcome]:
+    """Detect the objects in ``image`` and judge each requested subject (see the module docstring);
+    with ``placements`` (the prompt's), also whether each present subject sits where it was asked."""
+    outcomes = judge(subjects, detect(image))
+    if placements is None:
+        return outcomes
+    if len(placements) != len(subjects):
+        raise ValueError(f"{len(subjects)} subjects but {len(placements)} placements")
+    return [
+        Outcome(o.subject, o.detection, o.present, o.entangled,
+                o.present and location_of(o.detection.bbox, image.size) == p.location)
+        for o, p in zip(outcomes, placements)
+    ]  # fmt: skip
 
 
 def aggregate(cases: Iterable[Sequence[Outcome]]) -> dict[int, dict[str, float]]:
@@ -101,4 +124,6 @@ def aggregate(cases: Iterable[Sequence[Outcome]]) -> dict[int, dict[str, float]]
             "cases": len(groups[n]),
             "subjects": len(flat),
         }
+        if all(o.placed is not None for o in flat):
+            table[n]["placed"] = sum(o.placed for o in flat) / len(flat)
     return table

@@ -15,10 +15,12 @@ One command (``musar toy study``) runs, on top of a toy base model (``musar toy 
 3. generation of fixed cases with 1, 2 and 3 held-out subjects (references rendered alone, prompt
    naming each subject by its shape and place; true classifier-free guidance, ``true_cfg_scale``),
    judged by ``toystudy.measure`` (detector, not model);
-   the untrained base is judged too: with the shape-only prompt (the floor) and with every subject
-   described in words (whether the base can draw the world at all);
-4. a table (fidelity and entanglement per subject count, mean and spread over training seeds) and a
-   sample figure (Figure 8's layout), in ``report.md`` and one MLflow run.
+   the untrained base is judged too: with the shape-only prompt (the floor), with every subject
+   described in words (whether the base can draw the world at all), and with the references attached
+   but no MUSAR training (what the base copies from them unaided);
+4. a table (fidelity and entanglement per subject count, mean and spread over training seeds), a
+   second one of subjects present at the place the prompt asked (``toystudy.measure``'s ``placed``),
+   and a sample figure (Figure 8's layout), in ``report.md`` and one MLflow run.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ VARIANTS: dict[str, dict] = {
 DEFAULT_VARIANTS = ("full", "no_diptych", "no_bias_mitigation", "no_dynamic")
 BASE = "base (untrained)"
 BASE_TEXT = "base, subjects described in words"
+BASE_REFS = "base + references, no MUSAR training"
 PROMPT_TOKENS = 96  # the longest diptych prompt of the toy world fits
 CONDITION_PROMPT_TOKENS = 8  # condition prompts name the shape alone ("a triangle")
 
@@ -78,6 +81,9 @@ class StudyConfig:
     timestep_shift: float = 1.0  # of the customisation training's timesteps (the toy base trains with 3)
     subject_rank: int = 16
     noise_rank: int = 4
+    # Where the references sit in RoPE (``MusarConfig.rope_scheme``): the default plane offset overlaps
+    # the target's rows and columns, and the toy base pastes a reference there (README).
+    rope_scheme: str = "plane_offset_v1"
     num_workers: int = 1
     cpus_per_worker: int = 2
     eval_cases: int = 8  # per subject count (1, 2, 3)
@@ -105,6 +111,10 @@ class StudyConfig:
             raise ValueError(f"timestep_shift must be > 0, got {self.timestep_shift}")
         if self.true_cfg_scale < 1:
             raise ValueError(f"true_cfg_scale must be >= 1 (1 turns it off), got {self.true_cfg_scale}")
+        from musar_core.config import ROPE_SCHEMES
+
+        if self.rope_scheme not in ROPE_SCHEMES:
+            raise ValueError(f"rope_scheme must be one of {ROPE_SCHEMES}, got {self.rope_scheme!r}")
         if not 3 <= self.held_out < len(ALL_SUBJECTS):
             raise ValueError(f"held_out must lie in [3, {len(ALL_SUBJECTS) - 1}], got {self.held_out}")
 
@@ -181,7 +191,7 @@ def evaluate(
                           guidance_scale=1.0, true_cfg_scale=cfg.true_cfg_scale, generator=generators,
                           progress=False).images  # fmt: skip
             for i, image in zip(picked, images):
-                outcomes.append(measure(image, cases[i].subjects))
+                outcomes.append(measure(image, cases[i].subjects, cases[i].placements))
                 if seed == 0:
                     firsts[i] = image
     return aggregate(outcomes), firsts
@@ -213,7 +223,8 @@ def musar_config(cfg: StudyConfig, variant: str):
     from musar_core import MusarConfig
 
     return MusarConfig(subject_rank=cfg.subject_rank, noise_rank=cfg.noise_rank, condition_size=64,
-                       condition_prompt_max_tokens=CONDITION_PROMPT_TOKENS, **VARIANTS[variant]["musar"])  # fmt: skip
+                       condition_prompt_max_tokens=CONDITION_PROMPT_TOKENS, rope_scheme=cfg.rope_scheme,
+                       **VARIANTS[variant]["musar"])  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -230,6 +241,16 @@ def table_markdown(results: dict[str, list[dict]]) -> str:
     for name, runs in results.items():
         cells = [_cell([r[n]["fidelity"] for r in runs]) for n in (1, 2, 3)]
         cells += [_cell([r[n]["entanglement"] for r in runs]) for n in (2, 3)]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(runs)} |")
+    return "\n".join(lines)
+
+
+def placed_markdown(results: dict[str, list[dict]]) -> str:
+    """Rows: variants; columns: the share of requested subjects present *at the place the prompt asked*
+    for 1/2/3 subjects. A model that pastes its reference (centred) scores fidelity but not this."""
+    lines = ["| model | placed 1 | placed 2 | placed 3 | seeds |", "|---|---:|---:|---:|---:|"]
+    for name, runs in results.items():
+        cells = [_cell([r[n].get("placed", float("nan")) for r in runs]) for n in (1, 2, 3)]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(runs)} |")
     return "\n".join(lines)
 
@@ -299,6 +320,9 @@ def run_study(cfg: StudyConfig) -> Path:
     table, images = evaluate(MUSARPipeline.from_pretrained(base, config=musar_config(cfg, "full")), cases, cfg,
                              with_subjects=False, described=True)  # fmt: skip
     results[BASE_TEXT], samples[BASE_TEXT] = [table], images
+    # The references attached to the untrained base (full routing, LoRA at zero): what training adds to.
+    table, images = evaluate(MUSARPipeline.from_pretrained(base, config=musar_config(cfg, "full")), cases, cfg)
+    results[BASE_REFS], samples[BASE_REFS] = [table], images
     for variant in cfg.variants:
         results[variant] = []
         for seed in cfg.seeds:
@@ -323,13 +347,16 @@ def run_study(cfg: StudyConfig) -> Path:
         f"Base: `{base}` ({base_info.get('total_steps', base_info.get('steps_done', '?'))} pretraining steps, "
         f"{base_info.get('timing_s', {}).get('total_s', '?')} s). Study (base excluded): {timing['total_s']:.0f} s.",
         f"Training: stage steps {list(cfg.stage_steps)}, micro-batch {cfg.micro_batch_size}, lr {cfg.lr}, timestep shift "
-        f"{cfg.timestep_shift}, LoRA ranks "
+        f"{cfg.timestep_shift}, RoPE scheme {cfg.rope_scheme}, LoRA ranks "
         f"{cfg.subject_rank}/{cfg.noise_rank}, seeds {list(cfg.seeds)}. Evaluation: {cfg.eval_cases} cases per subject "
         f"count x {cfg.eval_seeds} seeds, {cfg.held_out} held-out subjects, {cfg.inference_steps} steps, true CFG "
         f"scale {cfg.true_cfg_scale} (negative: the empty prompt, no subjects).", "",
         "Fidelity: a requested subject found with its shape, colour and pattern; entanglement: found with its shape "
         "but another requested subject's colour or pattern (`toystudy.measure`). Mean ± sd over training seeds.", "",
-        markdown, "", "![samples](samples.png)", "",
+        markdown, "",
+        "Placed: a requested subject present (as above) *and* at the third of the frame its location words "
+        "name. References are drawn centred on white, so a model that pastes its reference scores fidelity "
+        "but rarely this.", "", placed_markdown(results), "", "![samples](samples.png)", "",
         "Figure: per row the references, then one sample per model (columns: " + ", ".join(samples) + ").", "",
         f"Timing (s): `{json.dumps(timing)}`", *([f"Notes: {cfg.notes}"] if cfg.notes else []), "",
     ]  # fmt: skip
@@ -346,6 +373,8 @@ def run_study(cfg: StudyConfig) -> Path:
             for n in (1, 2, 3):
                 mlflow.log_metric(f"{key}.fidelity_{n}", statistics.mean(r[n]["fidelity"] for r in runs))
                 mlflow.log_metric(f"{key}.entanglement_{n}", statistics.mean(r[n]["entanglement"] for r in runs))
+                if all("placed" in r[n] for r in runs):
+                    mlflow.log_metric(f"{key}.placed_{n}", statistics.mean(r[n]["placed"] for r in runs))
         mlflow.log_artifact(str(out / "report.md"))
         mlflow.log_artifact(str(out / "samples.png"))
         mlflow.log_artifact(str(out / "results.json"))
