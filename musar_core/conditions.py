@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import ROPE_SCHEME_LEFT_PANELS, ROPE_SCHEME_PLANE_OFFSET, ROPE_SCHEMES
+
 
 def image_ids(height: int, width: int, plane: int = 0, device=None, dtype=torch.float32) -> torch.Tensor:
     """(height * width, 3) RoPE ids (plane, row, col) for a packed latent grid, row-major like FLUX."""
@@ -25,7 +27,7 @@ def image_ids(height: int, width: int, plane: int = 0, device=None, dtype=torch.
 
 def condition_image_ids(
     k: int, height: int, width: int, device=None, dtype=torch.float32, compaction: int = 1,
-    scheme: str = "plane_offset_v1",
+    scheme: str = ROPE_SCHEME_PLANE_OFFSET,
 ) -> torch.Tensor:
     """RoPE ids of condition k's image tokens (``MusarConfig.rope_scheme``).
 
@@ -38,12 +40,12 @@ def condition_image_ids(
     an f x f patch of the full grid and sits at that patch's centre (row * f + (f - 1) / 2), so the
     compact reference spans the positions a full-size one would.
     """
-    if scheme not in ("plane_offset_v1", "left_panels_v1"):
-        raise ValueError(f"unknown RoPE scheme {scheme!r}: plane_offset_v1 or left_panels_v1")
-    ids = image_ids(height, width, plane=k + 1 if scheme == "plane_offset_v1" else 0, device=device, dtype=dtype)
+    if scheme not in ROPE_SCHEMES:
+        raise ValueError(f"unknown RoPE scheme {scheme!r}: one of {ROPE_SCHEMES}")
+    ids = image_ids(height, width, plane=k + 1 if scheme == ROPE_SCHEME_PLANE_OFFSET else 0, device=device, dtype=dtype)
     if compaction != 1:
         ids[:, 1:] = ids[:, 1:] * compaction + (compaction - 1) / 2
-    if scheme == "left_panels_v1":
+    if scheme == ROPE_SCHEME_LEFT_PANELS:
         ids[:, 2] -= (k + 1) * width * compaction
     return ids
 

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from .conditions import ConditionTokens, condition_image_ids, pack_latents
+from .config import ROPE_SCHEME_PLANE_OFFSET
 
 
 @dataclass
@@ -125,7 +126,7 @@ def encode_conditions(
     condition_size: int = 512,
     max_prompt_tokens: int = 64,
     compaction: int = 1,
-    rope_scheme: str = "plane_offset_v1",
+    rope_scheme: str = ROPE_SCHEME_PLANE_OFFSET,
 ) -> ConditionTokens:
     """Conditions for a batch: ``images[k][b]`` and ``prompts[k][b]`` are condition k of sample b.
 

@@ -314,15 +314,12 @@ def run_study(cfg: StudyConfig) -> Path:
     cases = evaluation_cases(cfg)
     results: dict[str, list[dict]] = {}
     samples: dict[str, list[Image.Image]] = {}
-    table, images = evaluate(MUSARPipeline.from_pretrained(base, config=musar_config(cfg, "full")), cases, cfg,
-                             with_subjects=False)  # fmt: skip
-    results[BASE], samples[BASE] = [table], images
-    table, images = evaluate(MUSARPipeline.from_pretrained(base, config=musar_config(cfg, "full")), cases, cfg,
-                             with_subjects=False, described=True)  # fmt: skip
-    results[BASE_TEXT], samples[BASE_TEXT] = [table], images
-    # The references attached to the untrained base (full routing, LoRA at zero): what training adds to.
-    table, images = evaluate(MUSARPipeline.from_pretrained(base, config=musar_config(cfg, "full")), cases, cfg)
-    results[BASE_REFS], samples[BASE_REFS] = [table], images
+    # The untrained base (full routing, no LoRA): shape-only prompt, subjects in words, references attached.
+    untrained = MUSARPipeline.from_pretrained(base, config=musar_config(cfg, "full"))
+    for name, kwargs in ((BASE, dict(with_subjects=False)), (BASE_TEXT, dict(with_subjects=False, described=True)),
+                         (BASE_REFS, {})):  # fmt: skip
+        table, images = evaluate(untrained, cases, cfg, **kwargs)
+        results[name], samples[name] = [table], images
     for variant in cfg.variants:
         results[variant] = []
         for seed in cfg.seeds:

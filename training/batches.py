@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from musar_core.conditions import image_ids, text_ids
+from musar_core.config import ROPE_SCHEME_PLANE_OFFSET
 from musar_core.encoding import FluxEncoders, encode_conditions, encode_images, encode_target_prompt, phrase_token_span
 from musar_core.objective import EncodedBatch
 
@@ -66,7 +67,7 @@ def encode_samples(
     target_size: int,
     condition_size: int,
     compaction: int = 1,
-    rope_scheme: str = "plane_offset_v1",
+    rope_scheme: str = ROPE_SCHEME_PLANE_OFFSET,
     max_prompt_tokens: int,
     max_condition_prompt_tokens: int,
     device: torch.device,

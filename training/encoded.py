@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from musar_core.conditions import ConditionTokens, condition_image_ids, image_ids, text_ids
+from musar_core.config import ROPE_SCHEME_PLANE_OFFSET
 from musar_core.objective import EncodedBatch
 from pipelines.encode import load_tensors
 
@@ -45,7 +46,7 @@ def encoded_batch(
     target_size: int,
     condition_size: int,
     compaction: int = 1,
-    rope_scheme: str = "plane_offset_v1",
+    rope_scheme: str = ROPE_SCHEME_PLANE_OFFSET,
     max_prompt_tokens: int,
     max_condition_prompt_tokens: int,
     device: torch.device,
