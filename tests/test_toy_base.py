@@ -29,7 +29,7 @@ def test_word_tokenizer_gives_one_token_per_world_word():
     assert len(VOCABULARY) < len(tok)
 
 
-def test_micro_base_builds_and_loads_like_flux(tmp_path):
+def test_micro_base_builds_and_loads_like_flux(tmp_path, capsys):
     cfg = ToyBaseConfig(output=str(tmp_path / "base"), scenes=24, vae_steps=2, vae_batch=4, steps=3, batch=4,
                         log_every=1, time_budget_min=None)  # fmt: skip
     out = build_toy_base(cfg)
@@ -50,9 +50,18 @@ def test_micro_base_builds_and_loads_like_flux(tmp_path):
                                            "resume_from": str(out), "train_clip": True, "pair_fraction": 0.25}))  # fmt: skip
     info = json.loads((more / "toy_base.json").read_text())
     assert info["steps_done"] == 2 and info["total_steps"] == 5 and info["resumed_from"]["steps"] == 3
-    assert info["config"]["pair_fraction"] == 0.25  # three pools (square, wide, pairs) trained on
+    assert info["config"]["pair_fraction"] == 0.25
+    assert "rendered 24 scenes (6 wide, 6 pairs)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="pair_fraction"):
         ToyBaseConfig(wide_fraction=0.5, pair_fraction=0.6)
+
+
+def test_pool_weights_follow_the_scene_shares_and_keep_earlier_builds():
+    from toystudy.base import pool_weights
+
+    assert pool_weights(ToyBaseConfig()).tolist() == [0.75, 0.25]  # w5's recipe: square, wide
+    assert pool_weights(ToyBaseConfig(pair_fraction=0.25)).tolist() == [0.5, 0.25, 0.25]  # square, wide, pairs
+    assert pool_weights(ToyBaseConfig(wide_fraction=0.0, pair_fraction=0.25)).tolist() == [0.75, 0.25]  # square, pairs
 
 
 def test_pair_scenes_repeat_one_subject_and_name_the_right_panel_by_shape_alone():

@@ -297,6 +297,13 @@ def _encode_pool(images, prompts, vae, tokenizer, clip_tokenizer, clip) -> _Pool
     return _Pool(torch.cat(chunks), ids[:-1], pooled[:-1], grid, ids[-1:], pooled[-1:], clip_ids[:-1], clip_ids[-1:])
 
 
+def pool_weights(cfg: ToyBaseConfig) -> torch.Tensor:
+    """Draw weights of the pools :func:`build_toy_base` makes, in its order: square, wide (if any),
+    pairs (if any), each its share of the scenes; without pairs exactly the weights of earlier builds."""
+    shares = [1 - cfg.wide_fraction - cfg.pair_fraction] + [cfg.wide_fraction] * (cfg.wide_fraction > 0)
+    return torch.tensor(shares + [cfg.pair_fraction] * (cfg.pair_fraction > 0))
+
+
 def pretrain(
     cfg: ToyBaseConfig, pools: list[_Pool], t5, log, started: float, transformer=None, clip=None
 ) -> tuple[torch.nn.Module, dict]:
@@ -321,9 +328,7 @@ def pretrain(
     params = [p for module in trained for p in module.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    # Pools in order: square, wide (if any), pairs (if any); each drawn with its share of the scenes.
-    shares = [1 - cfg.wide_fraction - cfg.pair_fraction] + [cfg.wide_fraction] * (cfg.wide_fraction > 0)
-    weights = torch.tensor(shares + [cfg.pair_fraction] * (cfg.pair_fraction > 0))[: len(pools)]
+    weights = pool_weights(cfg)[: len(pools)]
     budget = None if cfg.time_budget_min is None else cfg.time_budget_min * 60
     history, step_times = [], []
     for module in trained:
@@ -447,5 +452,5 @@ def build_toy_base(cfg: ToyBaseConfig) -> Path:
     return out
 
 
-__all__ = ["T5_MAX_LENGTH", "ToyBaseConfig", "build_toy_base", "pair_scene", "render_pairs", "render_pool",
+__all__ = ["T5_MAX_LENGTH", "ToyBaseConfig", "build_toy_base", "pair_scene", "pool_weights", "render_pairs", "render_pool",
            "word_t5_tokenizer"]
