@@ -30,6 +30,7 @@ class EncodedBatch:
     conditions: ConditionTokens | None = None
     phrase_spans: torch.Tensor | None = None  # (B, c, 2)
     prompt_mask: torch.Tensor | None = None  # (B, m): real prompt tokens, when padded (pre-encoded data)
+    routes: torch.Tensor | None = None  # (B, n): fixed routes (a diptych's panels), else dynamic routing
 
     @property
     def size(self) -> int:
@@ -71,5 +72,6 @@ def flow_matching_loss(
         conditions=batch.conditions,
         phrase_spans=batch.phrase_spans,
         prompt_mask=batch.prompt_mask,
+        **({} if batch.routes is None else {"routes": batch.routes}),
     ).sample
     return F.mse_loss(pred.float(), target.float())

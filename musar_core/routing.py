@@ -320,12 +320,23 @@ class AttentionRouter:
         capture: ConditionCache | None = None,
         cache: ConditionCache | None = None,
         cached_spans: torch.Tensor | None = None,
+        fixed_routes: torch.Tensor | None = None,
     ) -> None:
         """``capture``: fill this cache with every condition's K/V (the condition-only pass).
-        ``cache`` + ``cached_spans``: a step whose conditions come from a filled cache."""
+        ``cache`` + ``cached_spans``: a step whose conditions come from a filled cache.
+        ``fixed_routes`` (B, n): each target token's condition, given instead of computed (eqs. 2-4),
+        in every routed layer; e.g. a diptych's panels in training where the base's attention to the
+        subjects' words carries no location (the toy study). Ignored without dynamic routing."""
         self.num_conditions = cache.num_conditions if cache is not None else layout.num_conditions
         spans = cached_spans if cache is not None else layout.phrase_spans
-        if rules.dynamic_routing and self.num_conditions >= 2 and layout.target_len > 0 and spans is None:
+        if fixed_routes is not None:
+            if fixed_routes.shape[-1] != layout.target_len or fixed_routes.ndim != 2:
+                raise ValueError(f"fixed_routes must have shape (batch, {layout.target_len}), got {tuple(fixed_routes.shape)}")
+            if not fixed_routes.is_meta and bool(((fixed_routes < 0) | (fixed_routes >= max(1, self.num_conditions))).any()):
+                raise ValueError(f"fixed_routes must name conditions 0..{self.num_conditions - 1}")
+        self.fixed_routes = fixed_routes
+        if rules.dynamic_routing and self.num_conditions >= 2 and layout.target_len > 0 and spans is None \
+                and fixed_routes is None:
             raise ValueError(
                 f"dynamic routing with {self.num_conditions} conditions needs phrase_spans: the (start, length) "
                 "of each condition's phrase in the prompt tokens; pass them, or set dynamic_routing=False"
@@ -352,7 +363,12 @@ class AttentionRouter:
             return None  # with one condition routing is a no-op
         if self.dynamic_layers is not None and layer not in self.dynamic_layers:
             return None
-        if layer not in self._routes:
+        if layer not in self._routes and self.fixed_routes is not None:
+            self._routes[layer] = self.fixed_routes.long()
+            if self.record is not None:
+                self.record.routes[layer] = self._routes[layer]
+                self.record.affinity[layer] = F.one_hot(self._routes[layer], self.num_conditions).float()
+        elif layer not in self._routes:
             with torch.no_grad():
                 prompt_valid = None if self.key_valid is None else self.key_valid[:, : self.layout.prompt_len]
                 affinity, routes = affinity_and_routes(q.detach(), k.detach(), self.layout, self._span_weights, prompt_valid)

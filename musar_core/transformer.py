@@ -112,6 +112,7 @@ class MusarTransformer(nn.Module):
         output_hidden_states: bool = False,
         condition_cache: ConditionCache | None = None,
         prompt_mask: torch.Tensor | None = None,
+        routes: torch.Tensor | None = None,
     ) -> MusarOutput:
         """Velocity for the target tokens, shapes as in stock FLUX (timestep and guidance in [0, 1] units).
 
@@ -122,6 +123,8 @@ class MusarTransformer(nn.Module):
         ``prompt_mask`` (B, m) bool marks real target-prompt tokens when prompts of one batch were
         padded to a common length (pre-encoded training data); padding is never attended. FLUX
         itself encodes prompts padded and unmasked, which is what inference does (no mask).
+        ``routes`` (B, n) gives each target token's condition instead of dynamic routing's eqs. 2-4
+        (:class:`AttentionRouter`'s ``fixed_routes``; the training job's ``diptych_routes=panels``).
         """
         t = self.transformer
         batch, n, channels = self._check_inputs(hidden_states, encoder_hidden_states, pooled_projections, img_ids, txt_ids)
@@ -152,7 +155,7 @@ class MusarTransformer(nn.Module):
         temb = self._embed(timestep.to(image.dtype) * 1000, guidance, pooled_projections, image.dtype)
         group_temb = {PROMPT: temb, TARGET: temb, **self._condition_embeddings(conditions, guidance, batch, image)}
         rope = self._rope(layout, txt_ids, img_ids, conditions)
-        router_kwargs = dict(record=return_routing)
+        router_kwargs = dict(record=return_routing, fixed_routes=routes)
         if condition_cache is not None:
             router_kwargs.update(cache=condition_cache, cached_spans=phrase_spans)
         router = self._router(layout, conditions, batch, image.device, prompt_mask=prompt_mask, **router_kwargs)

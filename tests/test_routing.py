@@ -254,3 +254,54 @@ def test_padded_masked_prompt_equals_the_prompt_at_its_real_length(impl):
     assert not torch.allclose(unmasked, want.sample, atol=1e-3)  # the padding was live without the mask
     with pytest.raises(ValueError, match=r"prompt_mask must be \(1, 10\)"):
         model(**padded, prompt_mask=mask[:, :6])
+
+
+@pytest.mark.parametrize("impl", ["routed", "reference"])
+def test_fixed_routes_replace_dynamic_routing_exactly(impl):
+    """Routes given to the forward (a diptych's panels in training) act like computed ones: the model's
+    own routes, fed back, give the same output, with no phrase spans needed. One routed layer, so the
+    routes it computed are all there is to feed back."""
+    stock = tiny_transformer(seed=7)
+    model = MusarTransformer(stock, MusarConfig(attention_impl=impl, dynamic_routing_layers=(1,))).add_lora()
+    from helpers import randomize_lora
+
+    randomize_lora(model)
+    inputs = make_inputs(stock, conditions=[(2, (2, 2)), (3, (2, 2))], seed=3)
+    with torch.no_grad():
+        own = model(**inputs, return_routing=True)
+        given = own.routing.routes[1]
+        fixed = model(**{**inputs, "phrase_spans": None}, routes=given, return_routing=True)
+        flipped = model(**{**inputs, "phrase_spans": None}, routes=1 - given)
+    assert 0 < int(given.sum()) < given.numel()  # both conditions are used
+    assert set(fixed.routing.routes) == {1} and torch.equal(fixed.routing.routes[1], given)
+    torch.testing.assert_close(fixed.sample, own.sample, rtol=0, atol=0)
+    assert not torch.allclose(flipped.sample, own.sample)
+
+
+def test_fixed_routes_isolate_the_unrouted_condition():
+    """Every target token routed to condition 0: condition 1 cannot reach the target's output."""
+    stock = tiny_transformer(seed=8)
+    model = MusarTransformer(stock, MusarConfig()).add_lora()
+    from helpers import randomize_lora
+
+    randomize_lora(model)
+    inputs = make_inputs(stock, conditions=[(2, (2, 2)), (2, (2, 2))], seed=4)
+    routes = torch.zeros(2, 16, dtype=torch.long)
+    with torch.no_grad():
+        before = model(**inputs, routes=routes).sample
+        inputs["conditions"].image_latents[1] = inputs["conditions"].image_latents[1] + 1.0
+        after = model(**inputs, routes=routes).sample
+        inputs["conditions"].image_latents[0] = inputs["conditions"].image_latents[0] + 1.0
+        moved = model(**inputs, routes=routes).sample
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    assert not torch.allclose(moved, before)
+
+
+def test_fixed_routes_are_checked():
+    stock = tiny_transformer(seed=8)
+    model = MusarTransformer(stock, MusarConfig())
+    inputs = make_inputs(stock, conditions=[(2, (2, 2)), (2, (2, 2))])
+    with pytest.raises(ValueError, match=r"fixed_routes must have shape \(batch, 16\)"):
+        model(**inputs, routes=torch.zeros(2, 15, dtype=torch.long))
+    with pytest.raises(ValueError, match="fixed_routes must name conditions 0..1"):
+        model(**inputs, routes=torch.full((2, 16), 2))

@@ -41,6 +41,30 @@ def test_objective_is_velocity_mse_on_target_tokens_with_conditions_at_t0():
     assert all(torch.equal(s, torch.zeros(2)) for s in seen[1:]) and len(seen) == 3  # both conditions at t = 0
 
 
+def test_panel_routes_send_each_diptych_panel_to_its_condition():
+    from musar_core.conditions import image_ids
+    from training.batches import panel_routes
+
+    stock = tiny_transformer(seed=31)
+    batch = _batch(stock)
+    batch.target_latents, batch.img_ids = batch.target_latents.repeat(1, 2, 1), image_ids(4, 8)  # a 4 x 8 diptych
+    routes = panel_routes(batch)
+    assert routes.shape == (2, 32) and routes.dtype == torch.long
+    assert routes[0].view(4, 8).tolist() == [[0, 0, 0, 0, 1, 1, 1, 1]] * 4 and torch.equal(routes[0], routes[1])
+    # the loss passes them on: routes that send every token to condition 1 give another loss
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    model = MusarTransformer(stock).add_lora()
+    randomize_lora(model)
+    batch.routes = routes
+    panels = flow_matching_loss(model, batch, generator=gen())
+    batch.routes = torch.ones_like(routes)
+    assert not torch.allclose(flow_matching_loss(model, batch, generator=gen()), panels)
+    assert panel_routes(_batch(stock, conditions=((2, (2, 2)),))) is None  # one condition: nothing to route
+    batch.img_ids = image_ids(4, 7)
+    with pytest.raises(ValueError, match="does not split into 2 equal panels"):
+        panel_routes(batch)
+
+
 def test_timesteps_are_logit_normal():
     t = sample_timesteps(20000, torch.Generator().manual_seed(0))
     assert 0 < t.min() and t.max() < 1
@@ -117,6 +141,7 @@ def test_deepspeed_batch_arithmetic_and_schedule():
         (["data.diptych_fraction=1.5"], "diptych_fraction"),
         (["micro_batch_size=0"], "micro_batch_size"),
         (["optim.lr=fast"], "optim.lr: expected a number"),
+        (["diptych_routes=random"], "diptych_routes must be one of"),
     ],
 )
 def test_config_validation_names_the_field(overrides, match):

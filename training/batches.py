@@ -108,3 +108,16 @@ def encode_samples(
         conditions=conditions,
         phrase_spans=None if spans is None else spans.to(device),
     )
+
+
+def panel_routes(batch: EncodedBatch) -> torch.Tensor | None:
+    """(B, n) routes of a diptych batch by panel: a target token in panel k (of c side-by-side, equal
+    panels, the data pipeline's layout) is routed to condition k. None with fewer than two conditions."""
+    c = len(batch.conditions) if batch.conditions is not None else 0
+    if c < 2:
+        return None
+    cols = batch.img_ids[:, 2].long()
+    width = int(cols.max()) + 1
+    if width % c:
+        raise ValueError(f"a {width}-token-wide target does not split into {c} equal panels")
+    return (cols // (width // c)).expand(batch.size, -1).contiguous()

@@ -14,6 +14,7 @@ from musar_core import MusarConfig
 
 STAGE_STEPS = {1: 20_000, 2: 10_000, 3: 10_000}
 DATA_SOURCES = ("auto", "encoded", "images")
+DIPTYCH_ROUTES = ("attention", "panels")
 # stage -> (dataset folder, share of micro-batches) ; shares of a stage add up to 1
 STAGE_DATA = {
     1: (("single", 1.0),),
@@ -79,6 +80,11 @@ class TrainConfig:
     log_every: int = 10  # MLflow metrics and Ray Train reports (reporting every fast step stalls: loop.py)
     seed: int = 0
     timestep_shift: float = 1.0  # > 1: more training at high noise (SD3 shift of the logit-normal draw)
+    # How diptych target tokens pick their condition in training: "attention" (the paper: dynamic
+    # routing, eqs. 2-4, from the base's attention to each condition's words) or "panels" (each token
+    # the condition of its own panel: what a base that grounds the words would route). The toy base's
+    # attention to its shape words carries no location, so "attention" routes at chance (README).
+    diptych_routes: str = "attention"
     output_dir: str = "outputs/train"
     storage_path: str | None = None  # Ray Train storage (local path or s3://); None: <output_dir>/ray
     cpus_per_worker: int = 1
@@ -96,6 +102,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.timestep_shift <= 0:
             raise ValueError(f"timestep_shift must be > 0, got {self.timestep_shift}")
+        if self.diptych_routes not in DIPTYCH_ROUTES:
+            raise ValueError(f"diptych_routes must be one of {DIPTYCH_ROUTES}, got {self.diptych_routes!r}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.zero_stage not in (0, 1, 2, 3):

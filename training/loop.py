@@ -20,7 +20,7 @@ import torch
 
 from musar.config import from_dict
 
-from .batches import encode_samples, samples_from_batch
+from .batches import encode_samples, panel_routes, samples_from_batch
 from .checkpoints import read_checkpoint, write_checkpoint
 from .config import TrainConfig
 from .encoded import encoded_batch, pixels_per_token
@@ -123,6 +123,8 @@ def train_loop_per_worker(config: dict) -> None:
                 batch = encoded_batch(next(streams[name]), pixels_per_token=token_pixels, **sizes)
             else:
                 batch = encode_samples(samples_from_batch(next(streams[name])), enc, **sizes)
+            if cfg.diptych_routes == "panels":
+                batch.routes = panel_routes(batch)
             generator = torch.Generator().manual_seed(_seed(cfg.seed, "noise", step, micro, rank))
             loss = flow_matching_loss(engine, batch, generator=generator, guidance=1.0,
                                       timestep_shift=cfg.timestep_shift)  # fmt: skip
