@@ -33,6 +33,7 @@ def test_micro_base_builds_and_loads_like_flux(tmp_path, capsys):
     cfg = ToyBaseConfig(output=str(tmp_path / "base"), scenes=24, vae_steps=2, vae_batch=4, steps=3, batch=4,
                         log_every=1, time_budget_min=None)  # fmt: skip
     out = build_toy_base(cfg)
+    assert "rendered 24 scenes (6 wide, 6 pairs)" in capsys.readouterr().out  # pair scenes by default
     info = json.loads((out / "toy_base.json").read_text())
     assert info["steps_done"] == 3 and len(info["loss_curve"]) == 3
     pipe = MUSARPipeline.from_pretrained(out, config=MusarConfig(condition_size=64, subject_rank=4, noise_rank=2))
@@ -47,11 +48,11 @@ def test_micro_base_builds_and_loads_like_flux(tmp_path, capsys):
     with pytest.raises(FileExistsError, match="overwrite=true"):
         build_toy_base(cfg)
     more = build_toy_base(ToyBaseConfig(**{**cfg.__dict__, "output": str(tmp_path / "more"), "steps": 2,
-                                           "resume_from": str(out), "train_clip": True, "pair_fraction": 0.25}))  # fmt: skip
+                                           "resume_from": str(out), "train_clip": True, "pair_fraction": 0.0}))  # fmt: skip
     info = json.loads((more / "toy_base.json").read_text())
     assert info["steps_done"] == 2 and info["total_steps"] == 5 and info["resumed_from"]["steps"] == 3
-    assert info["config"]["pair_fraction"] == 0.25
-    assert "rendered 24 scenes (6 wide, 6 pairs)" in capsys.readouterr().out
+    assert info["config"]["pair_fraction"] == 0.0
+    assert "rendered 24 scenes (6 wide, 0 pairs)" in capsys.readouterr().out  # w5's recipe: no pair scenes
     with pytest.raises(ValueError, match="pair_fraction"):
         ToyBaseConfig(wide_fraction=0.5, pair_fraction=0.6)
 
@@ -59,8 +60,8 @@ def test_micro_base_builds_and_loads_like_flux(tmp_path, capsys):
 def test_pool_weights_follow_the_scene_shares_and_keep_earlier_builds():
     from toystudy.base import pool_weights
 
-    assert pool_weights(ToyBaseConfig()).tolist() == [0.75, 0.25]  # w5's recipe: square, wide
-    assert pool_weights(ToyBaseConfig(pair_fraction=0.25)).tolist() == [0.5, 0.25, 0.25]  # square, wide, pairs
+    assert pool_weights(ToyBaseConfig(pair_fraction=0)).tolist() == [0.75, 0.25]  # w5's recipe: square, wide
+    assert pool_weights(ToyBaseConfig()).tolist() == [0.5, 0.25, 0.25]  # the default: square, wide, pairs
     assert pool_weights(ToyBaseConfig(wide_fraction=0.0, pair_fraction=0.25)).tolist() == [0.75, 0.25]  # square, pairs
 
 

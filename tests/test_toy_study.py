@@ -26,6 +26,24 @@ def test_evaluation_cases_name_distinct_shapes_of_held_out_subjects(tmp_path):
         StudyConfig(timestep_shift=0.0)
     with pytest.raises(ValueError, match="rope_scheme must be one of"):
         StudyConfig(rope_scheme="shared")
+    with pytest.raises(ValueError, match="diptych_routes must be one of"):
+        StudyConfig(diptych_routes="random")
+    with pytest.raises(ValueError, match="routing_phrase must be one of"):
+        StudyConfig(routing_phrase="colour")
+
+
+def test_references_route_by_the_words_that_place_each_subject(tmp_path):
+    """Each reference names its place in the prompt for routing, and the item as training wrote it."""
+    from musar_core.subjects import phrase_char_span
+
+    case = evaluation_cases(StudyConfig(output=str(tmp_path), eval_cases=2))[-1]
+    refs = case.references("shape+location")
+    assert [r.phrase for r in refs] == [f"{ph} {p.location}" for ph, p in zip(case.phrases, case.placements)]
+    assert [r.prompt for r in refs] == [s.shape.capitalize() for s in case.subjects]  # the condition prompt
+    spans = [phrase_char_span(case.prompt, r) for r in refs]  # each found once, in the prompt's order
+    assert all(case.prompt[a:b] == r.phrase for (a, b), r in zip(spans, refs))
+    assert [r.phrase for r in case.references("shape")] == case.phrases
+    assert refs[0].image.size == (64, 64)
 
 
 def test_each_variant_switches_exactly_its_core_switches():
@@ -59,12 +77,15 @@ def test_short_study_produces_the_table(tmp_path, ray_local):
                       tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")  # fmt: skip
     report = run_study(cfg)
     text = report.read_text()
-    main, placed = text.split("\nPlaced: ")
+    main, rest = text.split("\nPlaced: ")
+    placed, routing = rest.split("\nRouting: ")
     names = ["base (untrained)", "base, subjects described in words", "base + references, no MUSAR training",
              *DEFAULT_VARIANTS]
     for table in (main, placed):  # the fidelity/entanglement table, then the placed table, same rows
         rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| model")]
         assert [r.split(" | ")[0][2:] for r in rows] == names
+    routed = [line.split(" | ")[0][2:] for line in routing.splitlines() if line.startswith("| ") and "model" not in line]
+    assert routed == ["base + references, no MUSAR training", "full", "no_diptych", "no_bias_mitigation"]  # no_dynamic: none
     results = json.loads((report.parent / "results.json").read_text())["results"]
     for name, runs in results.items():
         assert all(set(run) == {"1", "2", "3"} for run in runs), name
@@ -74,6 +95,7 @@ def test_short_study_produces_the_table(tmp_path, ray_local):
     client = mlflow.tracking.MlflowClient(cfg.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("musar-toy-study").experiment_id],
                               filter_string="attributes.run_name = 'toy-study'")  # fmt: skip
-    assert len(runs) == 1 and {"full.fidelity_2", "full.placed_2"} <= set(runs[0].data.metrics)
+    assert len(runs) == 1 and {"full.fidelity_2", "full.placed_2", "full.routing_3"} <= set(runs[0].data.metrics)
+    assert "no_dynamic.routing_2" not in runs[0].data.metrics
     with pytest.raises(FileExistsError, match="overwrite=true"):
         run_study(cfg)

@@ -314,3 +314,18 @@ def test_subject200k_builds_into_shards(tmp_path, ray_local):
         subject = Subject.from_text(sample["items"][0])
         for data_bytes in (sample["condition_images"][0], sample["target_image"]):
             assert [d.subject for d in detect(Image.open(io.BytesIO(data_bytes)))] == [subject]
+
+
+def test_routing_hits_count_tokens_inside_one_subject_box():
+    import torch
+
+    from toystudy.measure import routing_hits
+    from toystudy.world import Placement
+
+    left, right = Placement(0.25, 0.5, 0.5), Placement(0.75, 0.5, 0.5)  # 4 x 4 tokens each on an 8 x 8 grid
+    cols = torch.arange(8).repeat(8)
+    perfect = (cols >= 4).long()
+    assert routing_hits([perfect, perfect], [left, right], (8, 8)) == (64, 64)
+    assert routing_hits([1 - perfect], [left, right], (8, 8)) == (0, 32)
+    overlapping = [Placement(0.5, 0.5, 0.5), Placement(0.5, 0.5, 0.25)]  # the small box lies inside the big one
+    assert routing_hits([torch.zeros(64, dtype=torch.long)], overlapping, (8, 8)) == (12, 12)

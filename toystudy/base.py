@@ -17,9 +17,9 @@ image regions, as real base models do. Built once, in three steps, and saved as 
    diptych's shape), prompts encoded as FluxPipeline encodes them (padded, unmasked), no conditions,
    no guidance embedding; a share of prompts (``prompt_dropout``) is replaced by the empty prompt, so
    the base can be sampled with true classifier-free guidance (``MUSARPipeline(..., true_cfg_scale=...)``);
-   optionally (``pair_fraction``) also *pair scenes*: one subject shown twice side by side, described
-   in Subject200K's diptych words (:func:`pair_scene`), the in-context copy prior a real base gets from
-   the web's many diptychs and that MUSAR's reference conditions build on.
+   and (``pair_fraction``, a quarter by default) *pair scenes*: one subject shown twice side by side,
+   described in Subject200K's diptych words (:func:`pair_scene`), the in-context copy prior a real base
+   gets from the web's many diptychs and that MUSAR's reference conditions build on.
 
 Pretraining stops at ``steps`` or at ``time_budget_min``, whichever comes first; ``toy_base.json``
 beside the model records what was done, the loss curve and the time each step took.
@@ -80,9 +80,10 @@ class ToyBaseConfig:
     # Continue pretraining an earlier build (its VAE, text encoders and transformer; no VAE fit).
     resume_from: str | None = None
     # Share of scenes (and of pretraining steps) that are pair scenes (:func:`pair_scene`): one subject
-    # twice, in two panels of a 2:1 frame, the right panel's colour and pattern never named. 0 (w5's
-    # recipe) renders none and draws no extra random numbers.
-    pair_fraction: float = 0.0
+    # twice, in two panels of a 2:1 frame, the right panel's colour and pattern never named. Without
+    # them no routed model customised at toy scale (README); 0 (w5's recipe) renders none and draws no
+    # extra random numbers, so earlier builds are reproduced exactly.
+    pair_fraction: float = 0.25
 
     def __post_init__(self) -> None:
         if self.image_size % 16:

@@ -31,6 +31,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import product
 
+import numpy as np
+
 from .detector import Detection, detect
 from .world import Placement, Subject
 
@@ -127,3 +129,23 @@ def aggregate(cases: Iterable[Sequence[Outcome]]) -> dict[int, dict[str, float]]
         if all(o.placed is not None for o in flat):
             table[n]["placed"] = sum(o.placed for o in flat) / len(flat)
     return table
+
+
+def routing_hits(routes: Iterable, placements: Sequence[Placement], grid: tuple[int, int]) -> tuple[int, int]:
+    """Dynamic routing judged against the prompt's layout, for one generated image.
+
+    ``routes``: that image's (rows x cols,) route tensors (one per denoising step and routed block).
+    A target token counts when its centre lies inside exactly one requested subject's box (the
+    placement's centre and size); it is a hit when routed to that subject's reference. Returns
+    (hits, counted tokens) summed over the route tensors; chance is 1 / (number of subjects)."""
+    rows, cols = grid
+    ys, xs = np.meshgrid((np.arange(rows) + 0.5) / rows, (np.arange(cols) + 0.5) / cols, indexing="ij")
+    inside = np.stack([(np.abs(xs - p.x) < p.size / 2) & (np.abs(ys - p.y) < p.size / 2) for p in placements])
+    owner = np.where(inside.sum(0) == 1, inside.argmax(0), -1).reshape(-1)
+    counted = owner >= 0
+    hits = total = 0
+    for r in routes:
+        r = np.asarray(r).reshape(-1)
+        hits += int((r[counted] == owner[counted]).sum())
+        total += int(counted.sum())
+    return hits, total

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .subject200k import item_name
 from .world import (
     ALL_SUBJECTS,
     BACKGROUNDS,
@@ -64,7 +65,8 @@ BASE = "base (untrained)"
 BASE_TEXT = "base, subjects described in words"
 BASE_REFS = "base + references, no MUSAR training"
 PROMPT_TOKENS = 96  # the longest diptych prompt of the toy world fits
-CONDITION_PROMPT_TOKENS = 8  # condition prompts name the shape alone ("a triangle")
+CONDITION_PROMPT_TOKENS = 8  # condition prompts name the shape alone ("Triangle", as in the training data)
+ROUTING_PHRASES = ("shape", "shape+location")
 
 
 @dataclass
@@ -75,15 +77,25 @@ class StudyConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     rows: int = 240  # toy Subject200K rows (one subject, two scenes each)
     held_out: int = 24  # evaluation subjects never seen in training
-    stage_steps: tuple[int, int, int] = (60, 30, 30)
+    # 5 epochs of single subjects in stage 1 (480 panels, micro-batch 4), then 150 diptych steps
+    # each. 60/30/30 (the first studies) and 300/75/75 did not customise at all (README).
+    stage_steps: tuple[int, int, int] = (600, 150, 150)
     micro_batch_size: int = 4
     lr: float = 1e-3
     timestep_shift: float = 1.0  # of the customisation training's timesteps (the toy base trains with 3)
     subject_rank: int = 16
     noise_rank: int = 4
-    # Where the references sit in RoPE (``MusarConfig.rope_scheme``): the default plane offset overlaps
-    # the target's rows and columns, and the toy base pastes a reference there (README).
-    rope_scheme: str = "plane_offset_v1"
+    # Where the references sit in RoPE (``MusarConfig.rope_scheme``). Not the core's default: the plane
+    # offset overlaps the target's rows and columns, and the toy base pastes a reference there, which
+    # routed training unlearns without learning to customise (README); left panels share no position.
+    rope_scheme: str = "left_panels_v1"
+    # Diptych target tokens route to their own panel's condition in training (``TrainConfig.diptych_routes``):
+    # the toy base's attention to shape words carries no location, so the paper's "attention" routes
+    # them at chance (README).
+    diptych_routes: str = "panels"
+    # The prompt words each subject's routing reads (``Subject.phrase``): "shape+location" ("a heart on
+    # the left"), where the toy base grounds place, or "shape" ("a heart"), which it does not ground.
+    routing_phrase: str = "shape+location"
     num_workers: int = 1
     cpus_per_worker: int = 2
     eval_cases: int = 8  # per subject count (1, 2, 3)
@@ -115,6 +127,12 @@ class StudyConfig:
 
         if self.rope_scheme not in ROPE_SCHEMES:
             raise ValueError(f"rope_scheme must be one of {ROPE_SCHEMES}, got {self.rope_scheme!r}")
+        from training.config import DIPTYCH_ROUTES
+
+        if self.diptych_routes not in DIPTYCH_ROUTES:
+            raise ValueError(f"diptych_routes must be one of {DIPTYCH_ROUTES}, got {self.diptych_routes!r}")
+        if self.routing_phrase not in ROUTING_PHRASES:
+            raise ValueError(f"routing_phrase must be one of {ROUTING_PHRASES}, got {self.routing_phrase!r}")
         if not 3 <= self.held_out < len(ALL_SUBJECTS):
             raise ValueError(f"held_out must lie in [3, {len(ALL_SUBJECTS) - 1}], got {self.held_out}")
 
@@ -138,6 +156,15 @@ class Case:
     @property
     def phrases(self) -> list[str]:
         return [f"{_article(s.shape)} {s.shape}" for s in self.subjects]
+
+    def references(self, routing_phrase: str = "shape+location") -> list:
+        """The subjects as the pipeline takes them: reference image, the prompt words routing reads
+        (``StudyConfig.routing_phrase``), and the condition prompt the training data used (the item)."""
+        from musar_core import Subject as Ref
+
+        words = [f"{ph} {p.location}" if routing_phrase == "shape+location" else ph
+                 for ph, p in zip(self.phrases, self.placements)]  # fmt: skip
+        return [Ref(reference(s), w, condition_prompt=item_name(s)) for s, w in zip(self.subjects, words)]
 
 
 def _article(word: str) -> str:
@@ -175,26 +202,31 @@ def evaluate(
     Without subjects the prompt names shapes only (the floor); ``described`` spells out every subject."""
     import torch
 
-    from musar_core import Subject as Ref
+    from .measure import aggregate, measure, routing_hits
 
-    from .measure import aggregate, measure
-
-    outcomes, firsts = [], [None] * len(cases)
+    outcomes, firsts, routing = [], [None] * len(cases), {}
     for n in (1, 2, 3):  # one batched call per subject count (a batch needs equal subject counts)
         picked = [i for i, case in enumerate(cases) if len(case.subjects) == n]
         for seed in range(cfg.eval_seeds):
             prompts = [cases[i].described if described else cases[i].prompt for i in picked]
-            refs = [[Ref(reference(s), phrase) for s, phrase in zip(cases[i].subjects, cases[i].phrases)]
-                    for i in picked] if with_subjects else None  # fmt: skip
+            refs = [cases[i].references(cfg.routing_phrase) for i in picked] if with_subjects else None
             generators = [torch.Generator().manual_seed(1000 * i + seed) for i in picked]
-            images = pipe(prompts, refs, height=64, width=64, num_inference_steps=cfg.inference_steps,
-                          guidance_scale=1.0, true_cfg_scale=cfg.true_cfg_scale, generator=generators,
-                          progress=False).images  # fmt: skip
-            for i, image in zip(picked, images):
+            out = pipe(prompts, refs, height=64, width=64, num_inference_steps=cfg.inference_steps, guidance_scale=1.0,
+                       true_cfg_scale=cfg.true_cfg_scale, generator=generators, progress=False,
+                       return_routing=bool(with_subjects and n >= 2))  # fmt: skip
+            for b, (i, image) in enumerate(zip(picked, out.images)):
                 outcomes.append(measure(image, cases[i].subjects, cases[i].placements))
                 if seed == 0:
                     firsts[i] = image
-    return aggregate(outcomes), firsts
+                if out.routing is not None:  # dynamic routing's choices (none recorded when it is off)
+                    routes = [r[b] for step in out.routing.routes for r in step.values()]
+                    hits, total = routing_hits(routes, cases[i].placements, out.routing.grid)
+                    routing[n] = [x + y for x, y in zip(routing.get(n, (0, 0)), (hits, total))]
+    table = aggregate(outcomes)
+    for n, (hits, total) in routing.items():
+        if total:
+            table[n]["routing"] = hits / total
+    return table, firsts
 
 
 # --------------------------------------------------------------------------------------- training
@@ -209,6 +241,7 @@ def _train(cfg: StudyConfig, variant: str, seed: int, shards: Path) -> Path:
         tc = TrainConfig(stage=stage, model=cfg.base, init_lora=lora, steps=steps, micro_batch_size=cfg.micro_batch_size,
                          grad_accum=1, num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, seed=seed,
                          checkpoint_every=steps, log_every=min(steps, 20), timestep_shift=cfg.timestep_shift,
+                         diptych_routes=cfg.diptych_routes,
                          output_dir=str(Path(cfg.output) / "train" / f"{variant}-seed{seed}"),
                          musar=musar_config(cfg, variant))  # fmt: skip
         tc.data.shards, tc.data.target_size, tc.data.max_prompt_tokens = str(shards), 64, PROMPT_TOKENS
@@ -252,6 +285,16 @@ def placed_markdown(results: dict[str, list[dict]]) -> str:
     for name, runs in results.items():
         cells = [_cell([r[n].get("placed", float("nan")) for r in runs]) for n in (1, 2, 3)]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(runs)} |")
+    return "\n".join(lines)
+
+
+def routing_markdown(results: dict[str, list[dict]]) -> str:
+    """Rows: models that route; columns: routing accuracy for 2/3 subjects (``measure.routing_hits``)."""
+    lines = ["| model | routing 2 | routing 3 | seeds |", "|---|---:|---:|---:|"]
+    for name, runs in results.items():
+        if all("routing" in r[n] for r in runs for n in (2, 3)):
+            lines.append(f"| {name} | " + " | ".join(_cell([r[n]["routing"] for r in runs]) for n in (2, 3))
+                         + f" | {len(runs)} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -344,16 +387,21 @@ def run_study(cfg: StudyConfig) -> Path:
         f"Base: `{base}` ({base_info.get('total_steps', base_info.get('steps_done', '?'))} pretraining steps, "
         f"{base_info.get('timing_s', {}).get('total_s', '?')} s). Study (base excluded): {timing['total_s']:.0f} s.",
         f"Training: stage steps {list(cfg.stage_steps)}, micro-batch {cfg.micro_batch_size}, lr {cfg.lr}, timestep shift "
-        f"{cfg.timestep_shift}, RoPE scheme {cfg.rope_scheme}, LoRA ranks "
+        f"{cfg.timestep_shift}, RoPE scheme {cfg.rope_scheme}, diptych routes {cfg.diptych_routes}, LoRA ranks "
         f"{cfg.subject_rank}/{cfg.noise_rank}, seeds {list(cfg.seeds)}. Evaluation: {cfg.eval_cases} cases per subject "
         f"count x {cfg.eval_seeds} seeds, {cfg.held_out} held-out subjects, {cfg.inference_steps} steps, true CFG "
-        f"scale {cfg.true_cfg_scale} (negative: the empty prompt, no subjects).", "",
+        f"scale {cfg.true_cfg_scale} (negative: the empty prompt, no subjects); routing phrase {cfg.routing_phrase}, "
+        "condition prompt the item as in the training data.", "",
         "Fidelity: a requested subject found with its shape, colour and pattern; entanglement: found with its shape "
         "but another requested subject's colour or pattern (`toystudy.measure`). Mean ± sd over training seeds.", "",
         markdown, "",
         "Placed: a requested subject present (as above) *and* at the third of the frame its location words "
         "name. References are drawn centred on white, so a model that pastes its reference scores fidelity "
-        "but rarely this.", "", placed_markdown(results), "", "![samples](samples.png)", "",
+        "but rarely this.", "", placed_markdown(results), "",
+        "Routing: of the target tokens inside one requested subject's box (the prompt's placement), the share "
+        "that dynamic routing sent to that subject's reference, over every denoising step and block (chance: "
+        "1/2 and 1/3). Models without dynamic routing have no row.", "", routing_markdown(results), "",
+        "![samples](samples.png)", "",
         "Figure: per row the references, then one sample per model (columns: " + ", ".join(samples) + ").", "",
         f"Timing (s): `{json.dumps(timing)}`", *([f"Notes: {cfg.notes}"] if cfg.notes else []), "",
     ]  # fmt: skip
@@ -370,8 +418,9 @@ def run_study(cfg: StudyConfig) -> Path:
             for n in (1, 2, 3):
                 mlflow.log_metric(f"{key}.fidelity_{n}", statistics.mean(r[n]["fidelity"] for r in runs))
                 mlflow.log_metric(f"{key}.entanglement_{n}", statistics.mean(r[n]["entanglement"] for r in runs))
-                if all("placed" in r[n] for r in runs):
-                    mlflow.log_metric(f"{key}.placed_{n}", statistics.mean(r[n]["placed"] for r in runs))
+                for extra in ("placed", "routing"):
+                    if all(extra in r[n] for r in runs):
+                        mlflow.log_metric(f"{key}.{extra}_{n}", statistics.mean(r[n][extra] for r in runs))
         mlflow.log_artifact(str(out / "report.md"))
         mlflow.log_artifact(str(out / "samples.png"))
         mlflow.log_artifact(str(out / "results.json"))

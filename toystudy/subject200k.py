@@ -79,6 +79,11 @@ def row_subjects(cfg: ToyDataConfig) -> list[Subject]:
     return order[: cfg.rows]
 
 
+def item_name(subject: Subject, item_words: str = "shape") -> str:
+    """``description.item``, the condition prompt: "Triangle" ("shape") or "Red striped triangle" ("full")."""
+    return subject.item if item_words == "full" else subject.shape.capitalize()
+
+
 def _row(cfg: ToyDataConfig, i: int, subject: Subject, codec: ImageCodec) -> dict:
     rng = np.random.default_rng([cfg.seed, 1, i])
     g = cfg.geometry
@@ -91,7 +96,7 @@ def _row(cfg: ToyDataConfig, i: int, subject: Subject, codec: ImageCodec) -> dic
         placement = sample_placements([subject], rng, aspect=w / h)[0]
         canvas.paste(render_scene([subject], [placement], background, (w, h), rng), (x0, y0))
         descriptions.append(describe_panel(placement, background, rng))
-    item = subject.item if cfg.item_words == "full" else subject.shape.capitalize()
+    item = item_name(subject, cfg.item_words)
     description = {"item": item, "category": subject.category, "description_0": descriptions[0],
                    "description_1": descriptions[1], "description_valid": True}  # fmt: skip
     return {"image": {"bytes": codec.encode(canvas), "path": None}, "collection": COLLECTION,
