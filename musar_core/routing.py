@@ -8,7 +8,8 @@ Read top to bottom:
 2. ``affinity_and_routes`` - dynamic routing (paper 3.3, eqs. 2-4): from the layer's own Q and K
    (after QK-norm and RoPE), S = softmax over prompt tokens of Q_X K_T^T / sqrt(d) per head,
    averaged over heads; S*[i, k] = mean of S over condition k's phrase span; route(i) = argmax_k.
-   A target token then sees cond[route(i)] and no other condition.
+   A target token then sees cond[route(i)] and no other condition. Routes may instead be given
+   (``AttentionRouter(fixed_routes=...)``, e.g. a diptych's panels in training).
 3. ``routed_attention`` - the fast path: attention is computed only for allowed (query group,
    key group) pairs by slicing K/V per group and batching the target queries routed to each
    condition. No (L x L) mask ever exists; unmasked calls go through diffusers' attention dispatch.

@@ -20,7 +20,13 @@ One command (``musar toy study``) runs, on top of a toy base model (``musar toy 
    but no MUSAR training (what the base copies from them unaided);
 4. a table (fidelity and entanglement per subject count, mean and spread over training seeds), a
    second one of subjects present at the place the prompt asked (``toystudy.measure``'s ``placed``),
-   and a sample figure (Figure 8's layout), in ``report.md`` and one MLflow run.
+   a third of how often dynamic routing sent a subject's region to its reference
+   (``toystudy.measure.routing_hits``), and a sample figure (Figure 8's layout), in ``report.md``
+   and one MLflow run.
+
+Its defaults are not the paper's setup but what made the toy customise at all (README): references
+in left panels, 600/150/150 steps, diptych tokens routed by panel in training, routing phrases that
+name each subject's place.
 """
 
 from __future__ import annotations
