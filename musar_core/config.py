@@ -68,6 +68,10 @@ class MusarConfig:
     # Block indices (0..num_layers+num_single_layers-1, double blocks first) that route
     # dynamically; None means all of them, as the paper does.
     dynamic_routing_layers: tuple[int, ...] | None = None
+    # Not the paper: block k computes the routes and every later routed block reuses them, for a base
+    # whose later blocks ground the subjects' words worse than an early one (the toy study). None:
+    # every routed block computes its own (eqs. 2-4 per layer, as the paper does).
+    routes_from_layer: int | None = None
 
     rope_scheme: str = ROPE_SCHEME_PLANE_OFFSET
     condition_size: int = 512
@@ -105,6 +109,14 @@ class MusarConfig:
             )
         if self.dynamic_routing_layers is not None:
             object.__setattr__(self, "dynamic_routing_layers", tuple(int(i) for i in self.dynamic_routing_layers))
+        if self.routes_from_layer is not None:
+            if not isinstance(self.routes_from_layer, int) or self.routes_from_layer < 0:
+                raise ValueError(f"MusarConfig.routes_from_layer must be a block index >= 0, got {self.routes_from_layer!r}")
+            if self.dynamic_routing_layers is not None and self.routes_from_layer not in self.dynamic_routing_layers:
+                raise ValueError(
+                    f"MusarConfig.routes_from_layer={self.routes_from_layer} is not one of dynamic_routing_layers "
+                    f"{self.dynamic_routing_layers}: that block computes no routes to share"
+                )
         object.__setattr__(self, "double_block_targets", tuple(self.double_block_targets))
         object.__setattr__(self, "single_block_targets", tuple(self.single_block_targets))
 

@@ -9,7 +9,8 @@ Read top to bottom:
    (after QK-norm and RoPE), S = softmax over prompt tokens of Q_X K_T^T / sqrt(d) per head,
    averaged over heads; S*[i, k] = mean of S over condition k's phrase span; route(i) = argmax_k.
    A target token then sees cond[route(i)] and no other condition. Routes may instead be given
-   (``AttentionRouter(fixed_routes=...)``, e.g. a diptych's panels in training).
+   (``AttentionRouter(fixed_routes=...)``, e.g. a diptych's panels in training), or computed in one
+   layer and reused by every later one (``routes_from_layer``; not the paper, which routes per layer).
 3. ``routed_attention`` - the fast path: attention is computed only for allowed (query group,
    key group) pairs by slicing K/V per group and batching the target queries routed to each
    condition. No (L x L) mask ever exists; unmasked calls go through diffusers' attention dispatch.
@@ -314,6 +315,7 @@ class AttentionRouter:
         rules: RoutingRules,
         *,
         dynamic_layers: tuple[int, ...] | None = None,
+        routes_from_layer: int | None = None,
         impl: str = "routed",
         attend: AttendFn | None = None,
         key_valid: torch.Tensor | None = None,
@@ -327,7 +329,8 @@ class AttentionRouter:
         ``cache`` + ``cached_spans``: a step whose conditions come from a filled cache.
         ``fixed_routes`` (B, n): each target token's condition, given instead of computed (eqs. 2-4),
         in every routed layer; e.g. a diptych's panels in training where the base's attention to the
-        subjects' words carries no location (the toy study). Ignored without dynamic routing."""
+        subjects' words carries no location (the toy study). Ignored without dynamic routing.
+        ``routes_from_layer`` k: layer k computes routes, later routed layers reuse them."""
         self.num_conditions = cache.num_conditions if cache is not None else layout.num_conditions
         spans = cached_spans if cache is not None else layout.phrase_spans
         if fixed_routes is not None:
@@ -353,6 +356,7 @@ class AttentionRouter:
             self._span_weights = span_weights(spans, layout.prompt_len, torch.float32, spans.device)
         self.layout, self.rules, self.impl = layout, rules, impl
         self.dynamic_layers = None if dynamic_layers is None else set(dynamic_layers)
+        self.routes_from_layer = routes_from_layer
         self.attend = attend or dispatch_attend()
         self.key_valid = key_valid
         self.record = RoutingRecord() if record else None
@@ -369,6 +373,11 @@ class AttentionRouter:
             if self.record is not None:
                 self.record.routes[layer] = self._routes[layer]
                 self.record.affinity[layer] = F.one_hot(self._routes[layer], self.num_conditions).float()
+        elif layer not in self._routes and self._shares_routes(layer):
+            self._routes[layer] = self._routes[self.routes_from_layer]
+            if self.record is not None:
+                self.record.routes[layer] = self._routes[layer]
+                self.record.affinity[layer] = self.record.affinity[self.routes_from_layer]
         elif layer not in self._routes:
             with torch.no_grad():
                 prompt_valid = None if self.key_valid is None else self.key_valid[:, : self.layout.prompt_len]
@@ -378,6 +387,10 @@ class AttentionRouter:
                 self.record.routes[layer] = routes
                 self.record.affinity[layer] = affinity
         return self._routes[layer]
+
+    def _shares_routes(self, layer: int) -> bool:
+        source = self.routes_from_layer
+        return source is not None and layer > source and source in self._routes
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         routes = self.routes_for(layer, q, k)

@@ -39,6 +39,10 @@ class MusarTransformer(nn.Module):
         self.transformer = transformer
         self.config = config or MusarConfig()
         self.gradient_checkpointing = False
+        blocks = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+        if self.config.routes_from_layer is not None and self.config.routes_from_layer >= blocks:
+            raise ValueError(f"MusarConfig.routes_from_layer={self.config.routes_from_layer} names no block: this "
+                             f"transformer has {blocks} (double blocks first)")  # fmt: skip
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
@@ -212,6 +216,7 @@ class MusarTransformer(nn.Module):
             layout,
             self.rules,
             dynamic_layers=self.config.dynamic_routing_layers,
+            routes_from_layer=self.config.routes_from_layer,
             impl=self.config.attention_impl,
             attend=dispatch_attend(self.config.attention_backend),
             key_valid=self._key_valid(layout, conditions, batch, device, prompt_mask),

@@ -174,8 +174,9 @@ def test_dense_mask_is_the_routing_rule():
         MusarConfig(isolate_conditions=True),
         MusarConfig(static_routing=False, shared_lora=True),
         MusarConfig(dynamic_routing_layers=(0, 3)),
+        MusarConfig(routes_from_layer=1),
     ],
-    ids=["full", "no-dynamic", "isolated", "no-static-shared-lora", "some-layers"],
+    ids=["full", "no-dynamic", "isolated", "no-static-shared-lora", "some-layers", "routes-from-layer"],
 )
 @pytest.mark.parametrize("c", [1, 2, 4])
 def test_whole_model_fast_equals_reference(config, c):
@@ -305,3 +306,36 @@ def test_fixed_routes_are_checked():
         model(**inputs, routes=torch.zeros(2, 15, dtype=torch.long))
     with pytest.raises(ValueError, match="fixed_routes must name conditions 0..1"):
         model(**inputs, routes=torch.full((2, 16), 2))
+
+
+@pytest.mark.parametrize("impl", ["routed", "reference"])
+def test_routes_from_one_layer_are_reused_by_every_later_layer(impl):
+    """``routes_from_layer=0``: block 0 routes, every block follows it - exactly as if block 0's routes were
+    given to the forward; the per-block default routes differently on the same weights."""
+    stock = tiny_transformer(seed=9)
+    shared = MusarTransformer(stock, MusarConfig(attention_impl=impl, routes_from_layer=0)).add_lora()
+    from helpers import randomize_lora
+
+    randomize_lora(shared)
+    per_block = MusarTransformer(stock, MusarConfig(attention_impl=impl))
+    inputs = make_inputs(stock, conditions=[(2, (2, 2)), (3, (2, 2))], seed=5)
+    with torch.no_grad():
+        out = shared(**inputs, return_routing=True)
+        first = out.routing.routes[0]
+        given = per_block(**{**inputs, "phrase_spans": None}, routes=first)
+        own = per_block(**inputs, return_routing=True)
+    assert set(out.routing.routes) == {0, 1, 2, 3}
+    for layer in (1, 2, 3):
+        assert torch.equal(out.routing.routes[layer], first)
+        torch.testing.assert_close(out.routing.affinity[layer], out.routing.affinity[0], rtol=0, atol=0)
+    torch.testing.assert_close(out.sample, given.sample, rtol=0, atol=0)
+    assert any(not torch.equal(own.routing.routes[layer], first) for layer in (1, 2, 3))
+
+
+def test_routes_from_layer_is_checked():
+    with pytest.raises(ValueError, match="routes_from_layer must be a block index >= 0"):
+        MusarConfig(routes_from_layer=-1)
+    with pytest.raises(ValueError, match=r"routes_from_layer=1 is not one of dynamic_routing_layers \(0, 3\)"):
+        MusarConfig(routes_from_layer=1, dynamic_routing_layers=(0, 3))
+    with pytest.raises(ValueError, match="routes_from_layer=4 names no block: this transformer has 4"):
+        MusarTransformer(tiny_transformer(seed=9), MusarConfig(routes_from_layer=4))

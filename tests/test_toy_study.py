@@ -91,7 +91,7 @@ def test_short_study_produces_the_table(tmp_path, ray_local):
         assert all(set(run) == {"1", "2", "3"} for run in runs), name
         assert all(0 <= run[n]["fidelity"] <= 1 and 0 <= run[n]["placed"] <= run[n]["fidelity"] for run in runs for n in run)
     assert (report.parent / "samples.png").is_file()
-    assert f"true CFG scale {cfg.true_cfg_scale}" in text
+    assert f"true CFG scale {cfg.true_cfg_scale}" in text and "routes from block 0" in text
     client = mlflow.tracking.MlflowClient(cfg.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("musar-toy-study").experiment_id],
                               filter_string="attributes.run_name = 'toy-study'")  # fmt: skip

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .world import VOCABULARY, sample_scene
+from .world import VOCABULARY, sample_scene, with_article
 
 T5_MAX_LENGTH = 96  # diptych prompts of the toy data run to ~70 words
 
@@ -157,18 +157,13 @@ def partial_prompt(scene, rng: np.random.Generator) -> str:
     parts = []
     for subject, placement in zip(scene.subjects, scene.placements):
         level = DETAIL_LEVELS[int(rng.choice(len(DETAIL_LEVELS), p=[w for _, w in DETAIL_LEVELS]))][0]
-        parts.append(f"{_phrase(subject, level)} {placement.location}")
+        parts.append(f"{with_article(_words(subject, level))} {placement.location}")
     return objects_prompt(parts, scene.background)
 
 
 def _words(subject, level: tuple[str, ...]) -> str:
     """The subject's shape with the attributes ``level`` names: 'red triangle', 'triangle'."""
     return " ".join([getattr(subject, a) for a in ("colour", "pattern") if a in level] + [subject.shape])
-
-
-def _phrase(subject, level: tuple[str, ...]) -> str:
-    words = _words(subject, level)
-    return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
 
 
 def pair_scene(subject, size: int, rng: np.random.Generator):

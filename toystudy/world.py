@@ -123,7 +123,7 @@ class Subject:
     @property
     def phrase(self) -> str:
         """'a red striped triangle' / 'an orange solid ring'."""
-        return f"{'an' if self.colour[0] in 'aeiou' else 'a'} {self.words}"
+        return with_article(self.words)
 
     @property
     def item(self) -> str:
@@ -364,6 +364,11 @@ def sample_scene(rng: np.random.Generator, n_subjects: int, pool=ALL_SUBJECTS, b
 
 
 # ------------------------------------------------------------------------------------------------- text
+
+
+def with_article(words: str) -> str:
+    """'a triangle', 'an orange ring': the indefinite article the words take."""
+    return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
 
 
 def objects_prompt(parts: list[str], background: str) -> str:
