@@ -69,7 +69,7 @@ def test_study_refuses_true_cfg_on_a_base_without_prompt_dropout(tmp_path):
 
 
 @pytest.mark.timeout(900)  # ten short Ray Train stages: about 250 s on an idle 2-core machine
-def test_short_study_produces_the_table(tmp_path, ray_local):
+def test_short_study_produces_the_table(tmp_path, ray_local, monkeypatch, capsys):
     base = build_toy_base(ToyBaseConfig(output=str(tmp_path / "base"), scenes=24, vae_steps=2, vae_batch=4, steps=2,
                                         batch=4, log_every=1, time_budget_min=None))  # fmt: skip
     cfg = StudyConfig(base=str(base), output=str(tmp_path / "study"), seeds=(0,), rows=24, held_out=6,
@@ -99,3 +99,20 @@ def test_short_study_produces_the_table(tmp_path, ray_local):
     assert "no_dynamic.routing_2" not in runs[0].data.metrics
     with pytest.raises(FileExistsError, match="overwrite=true"):
         run_study(cfg)
+    _diptych_routing_benchmark_reads_the_study_shards(base, tmp_path / "study" / "shards", monkeypatch, capsys)
+
+
+def _diptych_routing_benchmark_reads_the_study_shards(base, shards, monkeypatch, capsys):
+    """benchmarks/diptych_routing.py on the short study's encoded diptychs: one row per t, shares in [0, 1]."""
+    import runpy
+    from pathlib import Path
+
+    script = str(Path(__file__).resolve().parents[1] / "benchmarks" / "diptych_routing.py")
+    capsys.readouterr()
+    monkeypatch.setattr("sys.argv", [script, "--base", str(base), "--shards", str(shards), "--samples", "2", "--t", "0.5", "0.9"])
+    runpy.run_path(script, run_name="__main__")
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith(("| 0.5 |", "| 0.9 |"))]
+    assert len(rows) == 2 and all(0 <= float(v) <= 1 for r in rows for v in r.strip("| ").split(" | ")[1:])
+    monkeypatch.setattr("sys.argv", [script, "--base", str(base), "--shards", str(shards.parent / "nowhere")])
+    with pytest.raises(SystemExit):  # no encoded shards there
+        runpy.run_path(script, run_name="__main__")
