@@ -54,7 +54,6 @@ def main() -> None:
     if args.lora:
         model.load_lora(args.lora)
     model.eval()
-    guidance = torch.ones(args.batch) if model.transformer.config.guidance_embeds else None  # as in training
     rows = []
     for f in files:
         rows += pq.read_table(f).to_pylist()
@@ -70,13 +69,14 @@ def main() -> None:
                               max_prompt_tokens=PROMPT_TOKENS, max_condition_prompt_tokens=CONDITION_PROMPT_TOKENS,
                               device=torch.device("cpu"), pixels_per_token=pixels_per_token(args.base))  # fmt: skip
         truth = panel_routes(batch)
+        guidance = torch.ones(batch.size) if model.transformer.config.guidance_embeds else None  # as in training
         for t in args.t:
             noise = torch.randn(batch.target_latents.shape, generator=torch.Generator().manual_seed(i))
             noisy = (1 - t) * batch.target_latents + t * noise
             with torch.no_grad():
                 out = model(hidden_states=noisy, encoder_hidden_states=batch.prompt_embeds,
                             pooled_projections=batch.pooled, timestep=torch.full((batch.size,), t),
-                            img_ids=batch.img_ids, txt_ids=batch.txt_ids, guidance=None if guidance is None else guidance[: batch.size], conditions=batch.conditions,
+                            img_ids=batch.img_ids, txt_ids=batch.txt_ids, guidance=guidance, conditions=batch.conditions,
                             phrase_spans=batch.phrase_spans, prompt_mask=batch.prompt_mask, return_routing=True)  # fmt: skip
             for layer, routes in out.routing.routes.items():
                 h = hits.setdefault((t, layer), [0, 0])

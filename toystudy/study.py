@@ -105,7 +105,8 @@ class StudyConfig:
     routing_phrase: str = "shape+location"
     # ``MusarConfig.routes_from_layer``: block 0 routes and every block follows it (not the paper, which
     # routes per block; None). The toy base grounds "a heart on the left" in block 0 and loses it later:
-    # at inference, 2-subject routing is right 0.93 of the time this way, 0.69 per block (README).
+    # at inference, 2-subject routing is right 0.93 / 0.75 of the time this way on bases w6r / w7, and
+    # 0.69 / 0.64 routed per block (README).
     routes_from_layer: int | None = 0
     num_workers: int = 1
     cpus_per_worker: int = 2
