@@ -368,24 +368,22 @@ class AttentionRouter:
             return None  # with one condition routing is a no-op
         if self.dynamic_layers is not None and layer not in self.dynamic_layers:
             return None
-        if layer not in self._routes and self.fixed_routes is not None:
-            self._routes[layer] = self.fixed_routes.long()
-            if self.record is not None:
-                self.record.routes[layer] = self._routes[layer]
-                self.record.affinity[layer] = F.one_hot(self._routes[layer], self.num_conditions).float()
-        elif layer not in self._routes and self._shares_routes(layer):
-            self._routes[layer] = self._routes[self.routes_from_layer]
-            if self.record is not None:
-                self.record.routes[layer] = self._routes[layer]
-                self.record.affinity[layer] = self.record.affinity[self.routes_from_layer]
-        elif layer not in self._routes:
+        if layer in self._routes:
+            return self._routes[layer]
+        affinity = None  # recorded as the one-hot of given routes
+        if self.fixed_routes is not None:
+            routes = self.fixed_routes.long()
+        elif self._shares_routes(layer):
+            routes = self._routes[self.routes_from_layer]
+            affinity = None if self.record is None else self.record.affinity[self.routes_from_layer]
+        else:
             with torch.no_grad():
                 prompt_valid = None if self.key_valid is None else self.key_valid[:, : self.layout.prompt_len]
                 affinity, routes = affinity_and_routes(q.detach(), k.detach(), self.layout, self._span_weights, prompt_valid)
-            self._routes[layer] = routes
-            if self.record is not None:
-                self.record.routes[layer] = routes
-                self.record.affinity[layer] = affinity
+        self._routes[layer] = routes
+        if self.record is not None:
+            self.record.routes[layer] = routes
+            self.record.affinity[layer] = F.one_hot(routes, self.num_conditions).float() if affinity is None else affinity
         return self._routes[layer]
 
     def _shares_routes(self, layer: int) -> bool:
