@@ -84,6 +84,10 @@ class ToyBaseConfig:
     # them no routed model customised at toy scale (README); 0 (w5's recipe) renders none and draws no
     # extra random numbers, so earlier builds are reproduced exactly.
     pair_fraction: float = 0.25
+    # Share of pretraining (of the steps planned, re-estimated under a time budget) done before the
+    # first pair scene; until then their share goes to square scenes. w6r (w5, then pairs for 25 min)
+    # drew one described subject right twice as often as w7 (pairs from the start); 0 is w7's recipe.
+    pair_start: float = 0.0
 
     def __post_init__(self) -> None:
         if self.image_size % 16:
@@ -98,6 +102,8 @@ class ToyBaseConfig:
         if not 0 <= self.pair_fraction < 1 or self.wide_fraction + self.pair_fraction > 1:
             raise ValueError(f"pair_fraction must lie in [0, 1) with wide_fraction + pair_fraction <= 1, got "
                              f"pair_fraction={self.pair_fraction}, wide_fraction={self.wide_fraction}")  # fmt: skip
+        if not 0 <= self.pair_start < 1:
+            raise ValueError(f"pair_start must lie in [0, 1), got {self.pair_start}")
         if self.timestep_shift <= 0:
             raise ValueError(f"timestep_shift must be > 0, got {self.timestep_shift}")
         if not 0 <= self.prompt_dropout < 1:
@@ -293,11 +299,13 @@ def _encode_pool(images, prompts, vae, tokenizer, clip_tokenizer, clip) -> _Pool
     return _Pool(torch.cat(chunks), ids[:-1], pooled[:-1], grid, ids[-1:], pooled[-1:], clip_ids[:-1], clip_ids[-1:])
 
 
-def pool_weights(cfg: ToyBaseConfig) -> torch.Tensor:
+def pool_weights(cfg: ToyBaseConfig, pairs: bool = True) -> torch.Tensor:
     """Draw weights of the pools :func:`build_toy_base` makes, in its order: square, wide (if any),
-    pairs (if any), each its share of the scenes; without pairs exactly the weights of earlier builds."""
-    shares = [1 - cfg.wide_fraction - cfg.pair_fraction] + [cfg.wide_fraction] * (cfg.wide_fraction > 0)
-    return torch.tensor(shares + [cfg.pair_fraction] * (cfg.pair_fraction > 0))
+    pairs (if any), each its share of the scenes; without pairs exactly the weights of earlier builds.
+    ``pairs=False`` (before ``pair_start``) gives the pairs' share to the square scenes."""
+    pair = cfg.pair_fraction if pairs else 0.0
+    shares = [1 - cfg.wide_fraction - pair] + [cfg.wide_fraction] * (cfg.wide_fraction > 0)
+    return torch.tensor(shares + [pair] * (cfg.pair_fraction > 0))
 
 
 def pretrain(
@@ -324,15 +332,20 @@ def pretrain(
     params = [p for module in trained for p in module.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    weights = pool_weights(cfg)[: len(pools)]
+    weights, early = pool_weights(cfg)[: len(pools)], pool_weights(cfg, pairs=False)[: len(pools)]
     budget = None if cfg.time_budget_min is None else cfg.time_budget_min * 60
     history, step_times = [], []
     for module in trained:
         module.train().requires_grad_(True)
     step, planned = 0, cfg.steps
+    pool_steps, first_pair = [0] * len(pools), None  # square, wide, pairs as present (build_toy_base's order)
     for step in range(1, cfg.steps + 1):
         tick = time.perf_counter()
-        pool = pools[int(torch.multinomial(weights, 1, generator=g))] if len(pools) > 1 else pools[0]
+        share = early if step <= cfg.pair_start * planned else weights
+        which = int(torch.multinomial(share, 1, generator=g)) if len(pools) > 1 else 0
+        pool, pool_steps[which] = pools[which], pool_steps[which] + 1
+        if cfg.pair_fraction > 0 and which == len(pools) - 1 and first_pair is None:
+            first_pair = step
         idx = torch.randint(len(pool.latents), (cfg.batch,), generator=g)
         x0 = pool.latents[idx]
         t = sample_timesteps(cfg.batch, g, shift=cfg.timestep_shift)
@@ -371,7 +384,8 @@ def pretrain(
     for module in trained:
         module.eval().requires_grad_(False)
     curve = [float(np.mean(history[i : i + cfg.log_every])) for i in range(0, len(history), cfg.log_every)]
-    return transformer, {"steps_done": step, "loss_curve": curve, "s_per_step": float(np.mean(step_times))}
+    return transformer, {"steps_done": step, "loss_curve": curve, "s_per_step": float(np.mean(step_times)),
+                         "pool_steps": pool_steps, "first_pair_step": first_pair}
 
 
 # ------------------------------------------------------------------------------------------ build
