@@ -1,5 +1,6 @@
 """The toy study's short version: every variant trained through the real jobs, judged, tabulated."""
 
+import dataclasses
 import json
 
 import mlflow
@@ -68,6 +69,24 @@ def test_study_refuses_true_cfg_on_a_base_without_prompt_dropout(tmp_path):
         run_study(StudyConfig(base=str(base), output=str(tmp_path / "study"), true_cfg_scale=3.0))
 
 
+def test_reuse_trained_refuses_a_model_trained_with_other_settings(tmp_path):
+    from toystudy.study import TRAINED_RECORD, trained_lora, training_settings
+
+    cfg = StudyConfig(base=str(tmp_path / "base"), output=str(tmp_path / "study"))
+    assert trained_lora(cfg, "full", 0) is None  # nothing trained yet
+    root = tmp_path / "study" / "train" / "full-seed0"
+    (root / "stage3" / "lora").mkdir(parents=True)
+    (root / TRAINED_RECORD).write_text(json.dumps({"settings": training_settings(cfg, "full", 0), "lora": "stage3/lora"}))
+    assert trained_lora(cfg, "full", 0) is None  # recorded, but no LoRA there
+    (root / "stage3" / "lora" / "musar_lora.json").write_text("{}")
+    assert trained_lora(cfg, "full", 0) == root / "stage3" / "lora"
+    assert trained_lora(dataclasses.replace(cfg, eval_cases=8, routes_from_layer=None), "full", 0) is not None  # judging only
+    with pytest.raises(ValueError, match=r"other settings \(lr, stage_steps"):
+        trained_lora(dataclasses.replace(cfg, lr=1e-4, stage_steps=(60, 30, 30)), "full", 0)
+    with pytest.raises(ValueError, match="routes_from_layer"):  # with attention routes it shapes training
+        trained_lora(dataclasses.replace(cfg, diptych_routes="attention"), "full", 0)
+
+
 @pytest.mark.timeout(900)  # ten short Ray Train stages: about 250 s on an idle 2-core machine
 def test_short_study_produces_the_table(tmp_path, ray_local, monkeypatch, capsys):
     base = build_toy_base(ToyBaseConfig(output=str(tmp_path / "base"), scenes=24, vae_steps=2, vae_batch=4, steps=2,
@@ -99,6 +118,13 @@ def test_short_study_produces_the_table(tmp_path, ray_local, monkeypatch, capsys
     assert "no_dynamic.routing_2" not in runs[0].data.metrics
     with pytest.raises(FileExistsError, match="overwrite=true"):
         run_study(cfg)
+    # Re-judged with other evaluation settings: every model is reused, none trained again.
+    capsys.readouterr()
+    again = run_study(dataclasses.replace(cfg, reuse_trained=True, overwrite=True, routes_from_layer=None))
+    assert capsys.readouterr().out.count("reusing ") == len(DEFAULT_VARIANTS)
+    text = again.read_text()
+    assert "routes from every block" in text and "not trained again: full-seed0, no_diptych-seed0" in text
+    assert not any(k.startswith("train_") for k in json.loads((again.parent / "results.json").read_text())["timing_s"])
     _diptych_routing_benchmark_reads_the_study_shards(base, tmp_path / "study" / "shards", monkeypatch, capsys)
 
 

@@ -121,6 +121,11 @@ class StudyConfig:
     experiment: str = "musar-toy-study"
     seed: int = 0
     overwrite: bool = False
+    # Judge the models an earlier run of this output trained (``train/<variant>-seed<k>``) instead of
+    # training them again, and train only those missing: a re-judge with other evaluation settings
+    # (routes_from_layer, eval_cases, ...) or the rest of an interrupted study. Refused where a model
+    # was trained with other training settings (:data:`TRAINING_FIELDS`).
+    reuse_trained: bool = False
     notes: str = ""  # written into the report (e.g. what changed in the world and why)
 
     def __post_init__(self) -> None:
@@ -238,11 +243,52 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------------------- training
+# The StudyConfig fields a trained model depends on (with diptych_routes=attention, routes_from_layer
+# decides training's routes too); the rest only change how the models are judged.
+TRAINING_FIELDS = ("base", "rows", "held_out", "seed", "stage_steps", "micro_batch_size", "lr", "timestep_shift",
+                   "subject_rank", "noise_rank", "rope_scheme", "diptych_routes", "num_workers")  # fmt: skip
+TRAINED_RECORD = "study_training.json"
+
+
+def training_settings(cfg: StudyConfig, variant: str, seed: int) -> dict:
+    """What one trained model depends on, as JSON: recorded beside it and checked by ``reuse_trained``."""
+    fields = TRAINING_FIELDS + (("routes_from_layer",) if cfg.diptych_routes == "attention" else ())
+    settings = {k: getattr(cfg, k) for k in fields}
+    return json.loads(json.dumps({**settings, "variant": variant, "training_seed": seed, "musar": VARIANTS[variant]["musar"]}))
+
+
+def _trained_root(cfg: StudyConfig, variant: str, seed: int) -> Path:
+    return Path(cfg.output).expanduser().resolve() / "train" / f"{variant}-seed{seed}"
+
+
+def trained_lora(cfg: StudyConfig, variant: str, seed: int) -> Path | None:
+    """The LoRA an earlier run trained for (variant, seed) with these training settings; None if there
+    is none. Raises ValueError when one is there but was trained differently (nothing is overwritten)."""
+    from musar_core.checkpoint import METADATA_FILE
+
+    root = _trained_root(cfg, variant, seed)
+    record = root / TRAINED_RECORD
+    if not record.is_file():
+        return None
+    saved = json.loads(record.read_text())
+    lora = root / saved.get("lora", "")
+    if not (lora / METADATA_FILE).is_file():  # recorded, but its LoRA is gone: train it again
+        return None
+    wanted = training_settings(cfg, variant, seed)
+    changed = sorted(k for k in wanted.keys() | saved["settings"].keys() if wanted.get(k) != saved["settings"].get(k))
+    if changed:
+        raise ValueError(f"reuse_trained: {root} was trained with other settings ({', '.join(changed)}: "
+                         f"{[saved['settings'].get(k) for k in changed]} there, {[wanted.get(k) for k in changed]} now); "
+                         "pass another output or reuse_trained=false to train again")  # fmt: skip
+    return lora
+
+
 def _train(cfg: StudyConfig, variant: str, seed: int, shards: Path) -> Path:
     from training.config import TrainConfig
     from training.driver import run_stage
 
     spec = VARIANTS[variant]
+    (_trained_root(cfg, variant, seed) / TRAINED_RECORD).unlink(missing_ok=True)  # written again when all stages are
     lora = None
     for stage in spec["stages"]:
         steps = sum(cfg.stage_steps) if spec["stages"] == (1,) else cfg.stage_steps[stage - 1]
@@ -250,13 +296,16 @@ def _train(cfg: StudyConfig, variant: str, seed: int, shards: Path) -> Path:
                          grad_accum=1, num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, seed=seed,
                          checkpoint_every=steps, log_every=min(steps, 20), timestep_shift=cfg.timestep_shift,
                          diptych_routes=cfg.diptych_routes,
-                         output_dir=str(Path(cfg.output) / "train" / f"{variant}-seed{seed}"),
+                         output_dir=str(_trained_root(cfg, variant, seed)),
                          musar=musar_config(cfg, variant))  # fmt: skip
         tc.data.shards, tc.data.target_size, tc.data.max_prompt_tokens = str(shards), 64, PROMPT_TOKENS
         tc.optim.lr, tc.optim.warmup_steps = cfg.lr, max(1, steps // 10)
         tc.tracking.tracking_uri, tc.tracking.experiment = cfg.tracking_uri, cfg.experiment
         tc.tracking.run_name, tc.tracking.sample_grid = f"{variant}-seed{seed}-stage{stage}", False
         lora = str(run_stage(tc).lora_dir)
+    root = _trained_root(cfg, variant, seed)
+    record = {"settings": training_settings(cfg, variant, seed), "lora": str(Path(lora).resolve().relative_to(root))}
+    (root / TRAINED_RECORD).write_text(json.dumps(record, indent=1))
     return Path(lora)
 
 
@@ -339,7 +388,8 @@ def run_study(cfg: StudyConfig) -> Path:
     started = time.perf_counter()
     out = Path(cfg.output).expanduser().absolute()
     if (out / "report.md").exists() and not cfg.overwrite:
-        raise FileExistsError(f"{out} already holds a study: pass overwrite=true to run it again")
+        raise FileExistsError(f"{out} already holds a study: pass overwrite=true to run it again "
+                              "(with reuse_trained=true it judges the models trained there again)")
     base = Path(cfg.base).expanduser().absolute()
     if not (base / "model_index.json").is_file():
         raise FileNotFoundError(f"base: {base} is not a toy base model folder (build it with `musar toy base`)")
@@ -364,6 +414,7 @@ def run_study(cfg: StudyConfig) -> Path:
     timing = {"data_s": round(time.perf_counter() - started, 1)}
 
     cases = evaluation_cases(cfg)
+    reused: list[str] = []
     results: dict[str, list[dict]] = {}
     samples: dict[str, list[Image.Image]] = {}
     # The untrained base (full routing, no LoRA): shape-only prompt, subjects in words, references attached.
@@ -376,8 +427,13 @@ def run_study(cfg: StudyConfig) -> Path:
         results[variant] = []
         for seed in cfg.seeds:
             tick = time.perf_counter()
-            lora = _train(cfg, variant, seed, out / "shards")
-            timing[f"train_{variant}_seed{seed}_s"] = round(time.perf_counter() - tick, 1)
+            lora = trained_lora(cfg, variant, seed) if cfg.reuse_trained else None
+            if lora is None:
+                lora = _train(cfg, variant, seed, out / "shards")
+                timing[f"train_{variant}_seed{seed}_s"] = round(time.perf_counter() - tick, 1)
+            else:
+                reused.append(f"{variant}-seed{seed}")
+                print(f"[toy study] {variant} seed {seed}: reusing {lora}", flush=True)
             pipe = MUSARPipeline.from_pretrained(base, config=musar_config(cfg, variant), lora=lora)
             table, images = evaluate(pipe, cases, cfg)
             results[variant].append(table)
@@ -397,7 +453,9 @@ def run_study(cfg: StudyConfig) -> Path:
         f"{base_info.get('timing_s', {}).get('total_s', '?')} s). Study (base excluded): {timing['total_s']:.0f} s.",
         f"Training: stage steps {list(cfg.stage_steps)}, micro-batch {cfg.micro_batch_size}, lr {cfg.lr}, timestep shift "
         f"{cfg.timestep_shift}, RoPE scheme {cfg.rope_scheme}, diptych routes {cfg.diptych_routes}, LoRA ranks "
-        f"{cfg.subject_rank}/{cfg.noise_rank}, seeds {list(cfg.seeds)}. Evaluation: {cfg.eval_cases} cases per subject "
+        f"{cfg.subject_rank}/{cfg.noise_rank}, seeds {list(cfg.seeds)}"
+        + (f"; reused from an earlier run, not trained again: {', '.join(reused)}" if reused else "") + "."
+        f" Evaluation: {cfg.eval_cases} cases per subject "
         f"count x {cfg.eval_seeds} seeds, {cfg.held_out} held-out subjects, {cfg.inference_steps} steps, true CFG "
         f"scale {cfg.true_cfg_scale} (negative: the empty prompt, no subjects); routing phrase {cfg.routing_phrase}, "
         f"routes from {'every block' if cfg.routes_from_layer is None else f'block {cfg.routes_from_layer}'}, "
