@@ -64,6 +64,7 @@ def test_pool_weights_follow_the_scene_shares_and_keep_earlier_builds():
     assert pool_weights(ToyBaseConfig()).tolist() == [0.5, 0.25, 0.25]  # the default: square, wide, pairs
     assert pool_weights(ToyBaseConfig(wide_fraction=0.0, pair_fraction=0.25)).tolist() == [0.75, 0.25]  # square, pairs
     assert pool_weights(ToyBaseConfig(), pairs=False).tolist() == [0.75, 0.25, 0.0]  # before pair_start
+    assert pool_weights(ToyBaseConfig(), kinds=("square", "pair")).tolist() == [0.5, 0.25]  # no wide scene rendered
     with pytest.raises(ValueError, match="pair_start"):
         ToyBaseConfig(pair_start=1.0)
 
@@ -73,7 +74,7 @@ def test_pair_scenes_start_at_pair_start(tmp_path):
     cfg = ToyBaseConfig(output=str(tmp_path / "base"), scenes=24, vae_steps=1, vae_batch=4, steps=16, batch=2,
                         log_every=4, time_budget_min=None, wide_fraction=0.25, pair_fraction=0.5, pair_start=0.5)  # fmt: skip
     info = json.loads((build_toy_base(cfg) / "toy_base.json").read_text())
-    assert sum(info["pool_steps"]) == 16 and info["pool_steps"][2] > 0
+    assert sum(info["pool_steps"].values()) == 16 and info["pool_steps"]["pair"] > 0
     assert info["first_pair_step"] > 8  # half the draws are pairs once they may be
 
 

@@ -81,10 +81,16 @@ def test_reuse_trained_refuses_a_model_trained_with_other_settings(tmp_path):
     (root / "stage3" / "lora" / "musar_lora.json").write_text("{}")
     assert trained_lora(cfg, "full", 0) == root / "stage3" / "lora"
     assert trained_lora(dataclasses.replace(cfg, eval_cases=8, routes_from_layer=None), "full", 0) is not None  # judging only
-    with pytest.raises(ValueError, match=r"other settings \(lr, stage_steps"):
+    with pytest.raises(ValueError, match=r"other settings \(lr=0.001, stage_steps=\[600, 150, 150\]; now lr=0.0001"):
         trained_lora(dataclasses.replace(cfg, lr=1e-4, stage_steps=(60, 30, 30)), "full", 0)
-    with pytest.raises(ValueError, match="routes_from_layer"):  # with attention routes it shapes training
+    with pytest.raises(ValueError, match="routes_from_layer not recorded"):  # with attention routes it shapes training
         trained_lora(dataclasses.replace(cfg, diptych_routes="attention"), "full", 0)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "toy_base.json").write_text('{"steps_done": 10}')  # a base rebuilt in the same folder
+    with pytest.raises(ValueError, match="base_record_sha256"):
+        trained_lora(cfg, "full", 0)
+    (root / TRAINED_RECORD).write_text('{"settings": {')  # a record cut short is no finished training
+    assert trained_lora(cfg, "full", 0) is None
 
 
 @pytest.mark.timeout(900)  # ten short Ray Train stages: about 250 s on an idle 2-core machine

@@ -280,9 +280,10 @@ class _Pool:
     null_pooled: torch.Tensor  # (1, Dp)
     clip_ids: torch.Tensor  # (N, 77) CLIP token ids, for a CLIP trained jointly (``train_clip``)
     null_clip_ids: torch.Tensor  # (1, 77)
+    kind: str = "square"  # one of POOL_KINDS: which share of the scenes it is drawn with
 
 
-def _encode_pool(images, prompts, vae, tokenizer, clip_tokenizer, clip) -> _Pool:
+def _encode_pool(images, prompts, vae, tokenizer, clip_tokenizer, clip, kind: str = "square") -> _Pool:
     from musar_core.encoding import encode_images
 
     with torch.no_grad():
@@ -296,16 +297,22 @@ def _encode_pool(images, prompts, vae, tokenizer, clip_tokenizer, clip) -> _Pool
         pooled = torch.cat([clip(clip_ids[i : i + 256]).pooler_output for i in range(0, len(texts), 256)])
     ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids  # fmt: skip
-    return _Pool(torch.cat(chunks), ids[:-1], pooled[:-1], grid, ids[-1:], pooled[-1:], clip_ids[:-1], clip_ids[-1:])
+    return _Pool(torch.cat(chunks), ids[:-1], pooled[:-1], grid, ids[-1:], pooled[-1:], clip_ids[:-1], clip_ids[-1:], kind)
 
 
-def pool_weights(cfg: ToyBaseConfig, pairs: bool = True) -> torch.Tensor:
-    """Draw weights of the pools :func:`build_toy_base` makes, in its order: square, wide (if any),
-    pairs (if any), each its share of the scenes; without pairs exactly the weights of earlier builds.
-    ``pairs=False`` (before ``pair_start``) gives the pairs' share to the square scenes."""
+POOL_KINDS = ("square", "wide", "pair")
+
+
+def pool_weights(cfg: ToyBaseConfig, pairs: bool = True, kinds: tuple[str, ...] | None = None) -> torch.Tensor:
+    """Draw weights of the pools ``kinds`` (by default those :func:`build_toy_base` makes, in its
+    order: square, wide if any, pairs if any), each its share of the scenes; without pairs exactly the
+    weights of earlier builds. ``pairs=False`` (before ``pair_start``) gives the pairs' share to the
+    square scenes."""
+    if kinds is None:
+        kinds = ("square",) + ("wide",) * (cfg.wide_fraction > 0) + ("pair",) * (cfg.pair_fraction > 0)
     pair = cfg.pair_fraction if pairs else 0.0
-    shares = [1 - cfg.wide_fraction - pair] + [cfg.wide_fraction] * (cfg.wide_fraction > 0)
-    return torch.tensor(shares + [pair] * (cfg.pair_fraction > 0))
+    shares = {"square": 1 - cfg.wide_fraction - pair, "wide": cfg.wide_fraction, "pair": pair}
+    return torch.tensor([shares[k] for k in kinds])
 
 
 def pretrain(
@@ -332,19 +339,22 @@ def pretrain(
     params = [p for module in trained for p in module.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    weights, early = pool_weights(cfg)[: len(pools)], pool_weights(cfg, pairs=False)[: len(pools)]
+    kinds = tuple(pool.kind for pool in pools)  # their draw weights follow the pools actually rendered
+    weights, early = pool_weights(cfg, kinds=kinds), pool_weights(cfg, pairs=False, kinds=kinds)
+    pairs_on = cfg.pair_start == 0  # latched: a re-estimated plan never turns pair scenes off again
     budget = None if cfg.time_budget_min is None else cfg.time_budget_min * 60
     history, step_times = [], []
     for module in trained:
         module.train().requires_grad_(True)
     step, planned = 0, cfg.steps
-    pool_steps, first_pair = [0] * len(pools), None  # square, wide, pairs as present (build_toy_base's order)
+    pool_steps, first_pair = dict.fromkeys(kinds, 0), None
     for step in range(1, cfg.steps + 1):
         tick = time.perf_counter()
-        share = early if step <= cfg.pair_start * planned else weights
+        pairs_on = pairs_on or step > cfg.pair_start * planned
+        share = weights if pairs_on else early
         which = int(torch.multinomial(share, 1, generator=g)) if len(pools) > 1 else 0
-        pool, pool_steps[which] = pools[which], pool_steps[which] + 1
-        if cfg.pair_fraction > 0 and which == len(pools) - 1 and first_pair is None:
+        pool, pool_steps[kinds[which]] = pools[which], pool_steps[kinds[which]] + 1
+        if kinds[which] == "pair" and first_pair is None:
             first_pair = step
         idx = torch.randint(len(pool.latents), (cfg.batch,), generator=g)
         x0 = pool.latents[idx]
@@ -438,9 +448,9 @@ def build_toy_base(cfg: ToyBaseConfig) -> Path:
     timing["vae_s"] = round(time.perf_counter() - started - timing["render_s"], 1)
     clip.eval().requires_grad_(False)
     pools = [_encode_pool(*square, vae, tokenizer, clip_tokenizer, clip)]
-    for extra in (wide, pairs):
+    for kind, extra in (("wide", wide), ("pair", pairs)):
         if extra is not None:
-            pools.append(_encode_pool(*extra, vae, tokenizer, clip_tokenizer, clip))
+            pools.append(_encode_pool(*extra, vae, tokenizer, clip_tokenizer, clip, kind))
     transformer, stats = pretrain(cfg, pools, t5, log, started, transformer, clip)
     stats["total_steps"] = stats["steps_done"] + int(previous.get("total_steps", previous.get("steps_done", 0)))
     if previous:
@@ -462,5 +472,5 @@ def build_toy_base(cfg: ToyBaseConfig) -> Path:
     return out
 
 
-__all__ = ["T5_MAX_LENGTH", "ToyBaseConfig", "build_toy_base", "pair_scene", "pool_weights", "render_pairs", "render_pool",
+__all__ = ["POOL_KINDS", "T5_MAX_LENGTH", "ToyBaseConfig", "build_toy_base", "pair_scene", "pool_weights", "render_pairs", "render_pool",
            "word_t5_tokenizer"]

@@ -251,10 +251,20 @@ TRAINED_RECORD = "study_training.json"
 
 
 def training_settings(cfg: StudyConfig, variant: str, seed: int) -> dict:
-    """What one trained model depends on, as JSON: recorded beside it and checked by ``reuse_trained``."""
+    """What one trained model depends on, as JSON: recorded beside it and checked by ``reuse_trained``.
+    The base counts by its path and by a hash of its ``toy_base.json`` (steps, loss curve), so a base
+    rebuilt in the same folder is a different base."""
+    import hashlib
+
     fields = TRAINING_FIELDS + (("routes_from_layer",) if cfg.diptych_routes == "attention" else ())
     settings = {k: getattr(cfg, k) for k in fields}
-    return json.loads(json.dumps({**settings, "variant": variant, "training_seed": seed, "musar": VARIANTS[variant]["musar"]}))
+    base = Path(cfg.base).expanduser().absolute()
+    record = base / "toy_base.json"
+    settings["base"] = str(base)
+    settings["base_record_sha256"] = hashlib.sha256(record.read_bytes()).hexdigest() if record.is_file() else None
+    spec = VARIANTS[variant]
+    settings.update(variant=variant, training_seed=seed, stages=spec["stages"], musar=spec["musar"])
+    return json.loads(json.dumps(settings))
 
 
 def _trained_root(cfg: StudyConfig, variant: str, seed: int) -> Path:
@@ -267,19 +277,21 @@ def trained_lora(cfg: StudyConfig, variant: str, seed: int) -> Path | None:
     from musar_core.checkpoint import METADATA_FILE
 
     root = _trained_root(cfg, variant, seed)
-    record = root / TRAINED_RECORD
-    if not record.is_file():
+    try:
+        saved = json.loads((root / TRAINED_RECORD).read_text())
+    except (OSError, ValueError):  # none, or cut short: not a finished training
         return None
-    saved = json.loads(record.read_text())
     lora = root / saved.get("lora", "")
     if not (lora / METADATA_FILE).is_file():  # recorded, but its LoRA is gone: train it again
         return None
     wanted = training_settings(cfg, variant, seed)
-    changed = sorted(k for k in wanted.keys() | saved["settings"].keys() if wanted.get(k) != saved["settings"].get(k))
+    had = saved.get("settings", {})
+    changed = sorted(k for k in wanted.keys() | had.keys() if wanted.get(k) != had.get(k))
     if changed:
-        raise ValueError(f"reuse_trained: {root} was trained with other settings ({', '.join(changed)}: "
-                         f"{[saved['settings'].get(k) for k in changed]} there, {[wanted.get(k) for k in changed]} now); "
-                         "pass another output or reuse_trained=false to train again")  # fmt: skip
+        then = ", ".join(f"{k}={had[k]!r}" if k in had else f"{k} not recorded" for k in changed)
+        raise ValueError(f"reuse_trained: {root} was trained with other settings ({then}; now "
+                         f"{', '.join(f'{k}={wanted.get(k)!r}' for k in changed)}): use another output, or "
+                         "reuse_trained=false overwrite=true to train every model again")  # fmt: skip
     return lora
 
 
@@ -305,7 +317,8 @@ def _train(cfg: StudyConfig, variant: str, seed: int, shards: Path) -> Path:
         lora = str(run_stage(tc).lora_dir)
     root = _trained_root(cfg, variant, seed)
     record = {"settings": training_settings(cfg, variant, seed), "lora": str(Path(lora).resolve().relative_to(root))}
-    (root / TRAINED_RECORD).write_text(json.dumps(record, indent=1))
+    (root / f".{TRAINED_RECORD}.tmp").write_text(json.dumps(record, indent=1))
+    (root / f".{TRAINED_RECORD}.tmp").replace(root / TRAINED_RECORD)  # whole or not at all
     return Path(lora)
 
 
@@ -399,6 +412,10 @@ def run_study(cfg: StudyConfig) -> Path:
                          "prediction for true CFG to guide against: pass true_cfg_scale=1 or rebuild the base")  # fmt: skip
     cfg.base = str(base)
     cfg.tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
+    if cfg.reuse_trained:  # refuse now, not after hours of training the models that are missing
+        for variant in cfg.variants:
+            for seed in cfg.seeds:
+                trained_lora(cfg, variant, seed)
     ensure_ray(min_cpus=cfg.num_workers * cfg.cpus_per_worker + 2)
 
     held = held_out_subjects(cfg)
