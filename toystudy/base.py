@@ -85,8 +85,9 @@ class ToyBaseConfig:
     # extra random numbers, so earlier builds are reproduced exactly.
     pair_fraction: float = 0.25
     # Share of pretraining (of the steps planned, re-estimated under a time budget) done before the
-    # first pair scene; until then their share goes to square scenes. w6r (w5, then pairs for 25 min)
-    # drew one described subject right twice as often as w7 (pairs from the start); 0 is w7's recipe.
+    # first pair scene; until then their share goes to square scenes. w8 (0.6) draws one described
+    # subject right 0.54 of the time (w7, 0: 0.31), but copies a pair's left panel less (0.09 vs 0.19)
+    # and customises less (README); 0 is w7's recipe.
     pair_start: float = 0.0
 
     def __post_init__(self) -> None:
