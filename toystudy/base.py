@@ -310,7 +310,7 @@ def pool_weights(cfg: ToyBaseConfig, pairs: bool = True, kinds: tuple[str, ...] 
     weights of earlier builds. ``pairs=False`` (before ``pair_start``) gives the pairs' share to the
     square scenes."""
     if kinds is None:
-        kinds = ("square",) + ("wide",) * (cfg.wide_fraction > 0) + ("pair",) * (cfg.pair_fraction > 0)
+        kinds = tuple(k for k, share in zip(POOL_KINDS, (1.0, cfg.wide_fraction, cfg.pair_fraction)) if share > 0)
     pair = cfg.pair_fraction if pairs else 0.0
     shares = {"square": 1 - cfg.wide_fraction - pair, "wide": cfg.wide_fraction, "pair": pair}
     return torch.tensor([shares[k] for k in kinds])
