@@ -173,14 +173,16 @@ def _words(subject, level: tuple[str, ...]) -> str:
     return " ".join([getattr(subject, a) for a in ("colour", "pattern") if a in level] + [subject.shape])
 
 
-def pair_scene(subject, size: int, rng: np.random.Generator):
+def pair_scene(subject, size: int, rng: np.random.Generator, left_words: tuple[str, ...] | None = None):
     """(image (size x 2 size), prompt): ``subject`` in two panels (own placement and background each).
 
     The prompt is MUSAR's diptych sentence (``pipelines.samples.diptych_prompt``), each panel named as
     Subject200K's ``item`` is: the left fully or in part (:data:`DETAIL_LEVELS`), the right by its shape alone, so
     the right panel's colour and pattern can only come from the left panel's pixels. A base that
     learns this has an image-to-image copy prior that does not depend on where the object sits, which
-    is what a reference condition asks of it (README, toy study).
+    is what a reference condition asks of it (README, toy study). ``left_words`` fixes which of the
+    left panel's attributes are named (``("colour", "pattern")``: all) instead of drawing them; the
+    panels' draws stay the same.
     """
     from PIL import Image
 
@@ -196,7 +198,9 @@ def pair_scene(subject, size: int, rng: np.random.Generator):
         placement = sample_placements([subject], rng)[0]
         canvas.paste(render_scene([subject], [placement], background, size, rng), (panel * size, 0))
         descriptions.append(describe_panel(placement, background, rng))
-    level = DETAIL_LEVELS[int(rng.choice(len(DETAIL_LEVELS), p=[w for _, w in DETAIL_LEVELS]))][0]
+    level = left_words
+    if level is None:
+        level = DETAIL_LEVELS[int(rng.choice(len(DETAIL_LEVELS), p=[w for _, w in DETAIL_LEVELS]))][0]
     left, right = _words(subject, level).capitalize(), _words(subject, ()).capitalize()
     prompt, _ = diptych_prompt(left, descriptions[0], right, descriptions[1])
     return canvas, prompt

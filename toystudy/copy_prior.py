@@ -1,0 +1,89 @@
+"""A toy base's copy prior, read from its images: asked for a pair scene, does it draw the subject twice?
+
+The prompt is a pair scene's (:func:`toystudy.base.pair_scene`): one subject in two panels of a 2:1
+frame, the left panel described in full ("Red striped triangle. ..."), the right named by its shape
+alone ("Triangle. ..."). The right panel's colour and pattern can then only come from the left
+panel's pixels, which is what a reference condition later asks of the model. Over four bases the
+full model's single-subject fidelity rose with this rate, while the bases' drawing from words
+ordered them differently (README, toy study), so it is the number to read before a study.
+
+Per pair, the detector reads each half; the subject's shape picks the object judged (``measure``):
+
+* ``left``: the left panel holds the subject as described (shape, colour, pattern);
+* ``right``: the right panel holds it too (its colour and pattern were never named);
+* ``copied``: both panels hold an object of the subject's shape with the same colour and pattern,
+  right or not (a copy of what the base drew on the left); ``same_colour`` / ``same_pattern``: one
+  attribute at a time. ``copied`` is the copy rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .measure import match
+from .world import ALL_SUBJECTS, Subject
+
+RATES = ("left", "right", "copied", "same_colour", "same_pattern")
+FULL_LEFT = ("colour", "pattern")  # the left panel names every attribute
+
+
+@dataclass(frozen=True)
+class PairCase:
+    subject: Subject
+    prompt: str
+
+
+def pair_cases(count: int, seed: int = 0, size: int = 64) -> list[PairCase]:
+    """``count`` pair prompts of subjects drawn from the whole world (seeded, deterministic)."""
+    from .base import pair_scene
+
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    rng = np.random.default_rng([seed, 17])
+    cases = []
+    for _ in range(count):
+        subject = ALL_SUBJECTS[int(rng.integers(len(ALL_SUBJECTS)))]
+        _, prompt = pair_scene(subject, size, rng, left_words=FULL_LEFT)
+        cases.append(PairCase(subject, prompt))
+    return cases
+
+
+def judge_pair(image, subject: Subject) -> dict[str, bool]:
+    """The rates of :data:`RATES` for one generated pair image (2:1, panels side by side)."""
+    from .detector import detect
+
+    w, h = image.size
+    if w != 2 * h:
+        raise ValueError(f"a pair image is twice as wide as high, got {w}x{h}")
+    left, right = (match([subject], detect(image.crop(box)))[0] for box in ((0, 0, h, h), (h, 0, w, h)))
+    own = (subject.colour, subject.pattern)
+    both = left is not None and right is not None
+    return {
+        "left": left is not None and (left.colour, left.pattern) == own,
+        "right": right is not None and (right.colour, right.pattern) == own,
+        "copied": both and (left.colour, left.pattern) == (right.colour, right.pattern),
+        "same_colour": both and left.colour == right.colour,
+        "same_pattern": both and left.pattern == right.pattern,
+    }
+
+
+def copy_prior(pipe, cases: list[PairCase], *, size: int = 64, steps: int = 16, true_cfg_scale: float = 3.0,
+               seed: int = 0, batch: int = 8) -> dict[str, float]:  # fmt: skip
+    """Generate every case once (``pipe``: a ``MUSARPipeline`` on the base, no subjects) and average
+    :func:`judge_pair` over them; also ``copied_given_left`` (NaN when no left panel was right)."""
+    import torch
+
+    judged = []
+    for start in range(0, len(cases), batch):
+        chunk = cases[start : start + batch]
+        generators = [torch.Generator().manual_seed(seed * 100_003 + start + i) for i in range(len(chunk))]
+        out = pipe([c.prompt for c in chunk], None, height=size, width=2 * size, num_inference_steps=steps,
+                   guidance_scale=1.0, true_cfg_scale=true_cfg_scale, generator=generators, progress=False)  # fmt: skip
+        judged += [judge_pair(image, c.subject) for image, c in zip(out.images, chunk)]
+    rates = {k: sum(j[k] for j in judged) / len(judged) for k in RATES}
+    lefts = [j for j in judged if j["left"]]
+    rates["copied_given_left"] = sum(j["copied"] for j in lefts) / len(lefts) if lefts else float("nan")
+    rates["pairs"] = len(judged)
+    return rates
