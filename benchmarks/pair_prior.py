@@ -27,6 +27,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.pairs < 1 or args.steps < 1 or args.cfg < 1:
         parser.error("--pairs and --steps must be >= 1, --cfg >= 1")
+    if len(set(args.base)) != len(args.base):
+        parser.error("each --base once")
 
     from musar_core import MusarConfig, MUSARPipeline
     from toystudy.copy_prior import RATES, copy_prior, pair_cases
@@ -42,6 +44,7 @@ def main() -> None:
         pipe = MUSARPipeline.from_pretrained(base, config=MusarConfig(condition_size=64))
         rates = copy_prior(pipe, cases, steps=args.steps, true_cfg_scale=args.cfg, seed=args.seed)
         results[base] = rates
+        del pipe
         cells = ["-" if math.isnan(rates[k]) else f"{rates[k]:.2f}" for k in columns]
         print(f"| {base} | " + " | ".join(cells) + f" | {time.perf_counter() - tick:.0f} |", flush=True)
     if args.json:

@@ -199,6 +199,8 @@ def pair_scene(subject, size: int, rng: np.random.Generator, left_words: tuple[s
         canvas.paste(render_scene([subject], [placement], background, size, rng), (panel * size, 0))
         descriptions.append(describe_panel(placement, background, rng))
     level = left_words
+    if level is not None and not set(level) <= {"colour", "pattern"}:
+        raise ValueError(f"left_words names attributes among 'colour' and 'pattern', got {left_words!r}")
     if level is None:
         level = DETAIL_LEVELS[int(rng.choice(len(DETAIL_LEVELS), p=[w for _, w in DETAIL_LEVELS]))][0]
     left, right = _words(subject, level).capitalize(), _words(subject, ()).capitalize()

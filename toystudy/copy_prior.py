@@ -4,16 +4,17 @@ The prompt is a pair scene's (:func:`toystudy.base.pair_scene`): one subject in 
 frame, the left panel described in full ("Red striped triangle. ..."), the right named by its shape
 alone ("Triangle. ..."). The right panel's colour and pattern can then only come from the left
 panel's pixels, which is what a reference condition later asks of the model. Over four bases the
-full model's single-subject fidelity rose with this rate, while the bases' drawing from words
-ordered them differently (README, toy study), so it is the number to read before a study.
+full model's single-subject fidelity rose with the copy rate of an earlier probe of the same
+design, while the bases' drawing from words ordered them differently (README, toy study).
 
-Per pair, the detector reads each half; the subject's shape picks the object judged (``measure``):
+Per pair, the detector reads each half and ``measure.match`` picks the object judged:
 
 * ``left``: the left panel holds the subject as described (shape, colour, pattern);
 * ``right``: the right panel holds it too (its colour and pattern were never named);
-* ``copied``: both panels hold an object of the subject's shape with the same colour and pattern,
-  right or not (a copy of what the base drew on the left); ``same_colour`` / ``same_pattern``: one
-  attribute at a time. ``copied`` is the copy rate.
+* ``copied``: the right panel holds what the left panel shows (the left's object of the subject's
+  shape, matched in the right panel to the closest object of that shape: same colour and pattern),
+  right or not; ``same_colour`` / ``same_pattern``: one attribute at a time. ``copied`` is the copy
+  rate.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ class PairCase:
     prompt: str
 
 
-def pair_cases(count: int, seed: int = 0, size: int = 64) -> list[PairCase]:
-    """``count`` pair prompts of subjects drawn from the whole world (seeded, deterministic)."""
+def pair_cases(count: int, seed: int = 0) -> list[PairCase]:
+    """``count`` pair prompts of subjects drawn from the whole world (seeded, deterministic). The pair
+    is rendered (64 px panels) and its image dropped: rendering draws from the same generator."""
     from .base import pair_scene
 
     if count < 1:
@@ -45,7 +47,7 @@ def pair_cases(count: int, seed: int = 0, size: int = 64) -> list[PairCase]:
     cases = []
     for _ in range(count):
         subject = ALL_SUBJECTS[int(rng.integers(len(ALL_SUBJECTS)))]
-        _, prompt = pair_scene(subject, size, rng, left_words=FULL_LEFT)
+        _, prompt = pair_scene(subject, 64, rng, left_words=FULL_LEFT)
         cases.append(PairCase(subject, prompt))
     return cases
 
@@ -57,24 +59,29 @@ def judge_pair(image, subject: Subject) -> dict[str, bool]:
     w, h = image.size
     if w != 2 * h:
         raise ValueError(f"a pair image is twice as wide as high, got {w}x{h}")
-    left, right = (match([subject], detect(image.crop(box)))[0] for box in ((0, 0, h, h), (h, 0, w, h)))
+    left_found, right_found = (detect(image.crop(box)) for box in ((0, 0, h, h), (h, 0, w, h)))
+    left, right = match([subject], left_found)[0], match([subject], right_found)[0]
+    # What the left panel shows, looked for in the right one (the closest object of that shape).
+    twin = match([left.subject], right_found)[0] if left is not None else None
     own = (subject.colour, subject.pattern)
-    both = left is not None and right is not None
     return {
         "left": left is not None and (left.colour, left.pattern) == own,
         "right": right is not None and (right.colour, right.pattern) == own,
-        "copied": both and (left.colour, left.pattern) == (right.colour, right.pattern),
-        "same_colour": both and left.colour == right.colour,
-        "same_pattern": both and left.pattern == right.pattern,
+        "copied": twin is not None and twin.subject == left.subject,
+        "same_colour": twin is not None and twin.colour == left.colour,
+        "same_pattern": twin is not None and twin.pattern == left.pattern,
     }
 
 
 def copy_prior(pipe, cases: list[PairCase], *, size: int = 64, steps: int = 16, true_cfg_scale: float = 3.0,
                seed: int = 0, batch: int = 8) -> dict[str, float]:  # fmt: skip
     """Generate every case once (``pipe``: a ``MUSARPipeline`` on the base, no subjects) and average
-    :func:`judge_pair` over them; also ``copied_given_left`` (NaN when no left panel was right)."""
+    :func:`judge_pair` over them; also ``copied_given_left`` (NaN when no left panel was right) and
+    ``pairs`` (the count)."""
     import torch
 
+    if not cases:
+        raise ValueError("copy_prior needs at least one pair case")
     judged = []
     for start in range(0, len(cases), batch):
         chunk = cases[start : start + batch]
