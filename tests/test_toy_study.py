@@ -31,6 +31,8 @@ def test_evaluation_cases_name_distinct_shapes_of_held_out_subjects(tmp_path):
         StudyConfig(diptych_routes="random")
     with pytest.raises(ValueError, match="routing_phrase must be one of"):
         StudyConfig(routing_phrase="colour")
+    with pytest.raises(ValueError, match="copy_prior_pairs must be >= 0"):
+        StudyConfig(copy_prior_pairs=-1)
 
 
 def test_references_route_by_the_words_that_place_each_subject(tmp_path):
@@ -99,7 +101,7 @@ def test_short_study_produces_the_table(tmp_path, ray_local, monkeypatch, capsys
                                         batch=4, log_every=1, time_budget_min=None))  # fmt: skip
     cfg = StudyConfig(base=str(base), output=str(tmp_path / "study"), seeds=(0,), rows=24, held_out=6,
                       stage_steps=(1, 1, 1), micro_batch_size=2, eval_cases=1, eval_seeds=1, inference_steps=2,
-                      tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")  # fmt: skip
+                      copy_prior_pairs=2, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")  # fmt: skip
     report = run_study(cfg)
     text = report.read_text()
     main, rest = text.split("\nPlaced: ")
@@ -117,10 +119,15 @@ def test_short_study_produces_the_table(tmp_path, ray_local, monkeypatch, capsys
         assert all(0 <= run[n]["fidelity"] <= 1 and 0 <= run[n]["placed"] <= run[n]["fidelity"] for run in runs for n in run)
     assert (report.parent / "samples.png").is_file()
     assert f"true CFG scale {cfg.true_cfg_scale}" in text and "routes from block 0" in text
+    assert "Base copy prior (`toystudy.copy_prior`, 2 pair prompts" in text
+    saved = json.loads((report.parent / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    copy = saved["copy_prior"]
+    assert copy["pairs"] == 2 and 0 <= copy["copied"] <= min(copy["same_colour"], copy["same_pattern"]) <= 1
     client = mlflow.tracking.MlflowClient(cfg.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("musar-toy-study").experiment_id],
                               filter_string="attributes.run_name = 'toy-study'")  # fmt: skip
-    assert len(runs) == 1 and {"full.fidelity_2", "full.placed_2", "full.routing_3"} <= set(runs[0].data.metrics)
+    assert len(runs) == 1
+    assert {"full.fidelity_2", "full.placed_2", "full.routing_3", "base.copy_prior_copied"} <= set(runs[0].data.metrics)
     assert "no_dynamic.routing_2" not in runs[0].data.metrics
     with pytest.raises(FileExistsError, match="overwrite=true"):
         run_study(cfg)

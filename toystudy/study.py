@@ -17,7 +17,8 @@ One command (``musar toy study``) runs, on top of a toy base model (``musar toy 
    judged by ``toystudy.measure`` (detector, not model);
    the untrained base is judged too: with the shape-only prompt (the floor), with every subject
    described in words (whether the base can draw the world at all), and with the references attached
-   but no MUSAR training (what the base copies from them unaided);
+   but no MUSAR training (what the base copies from them unaided); and the base's copy prior
+   (``toystudy.copy_prior``), which customisation follows at this scale;
 4. a table (fidelity and entanglement per subject count, mean and spread over training seeds), a
    second one of subjects present at the place the prompt asked (``toystudy.measure``'s ``placed``),
    a third of how often dynamic routing sent a subject's region to its reference
@@ -117,6 +118,9 @@ class StudyConfig:
     # 1 turns it off. Chosen on the base alone, on cases of another seed (see README).
     true_cfg_scale: float = 3.0
     figure_cases: int = 4
+    # Pair prompts for the base's copy prior (``toystudy.copy_prior``) in the report: customisation at
+    # toy scale follows it (README). 0 skips it.
+    copy_prior_pairs: int = 32
     tracking_uri: str = "sqlite:///outputs/toy/mlflow.db"
     experiment: str = "musar-toy-study"
     seed: int = 0
@@ -150,6 +154,8 @@ class StudyConfig:
             raise ValueError(f"diptych_routes must be one of {DIPTYCH_ROUTES}, got {self.diptych_routes!r}")
         if self.routing_phrase not in ROUTING_PHRASES:
             raise ValueError(f"routing_phrase must be one of {ROUTING_PHRASES}, got {self.routing_phrase!r}")
+        if self.copy_prior_pairs < 0:
+            raise ValueError(f"copy_prior_pairs must be >= 0 (0 skips the copy prior), got {self.copy_prior_pairs}")
         if not 3 <= self.held_out < len(ALL_SUBJECTS):
             raise ValueError(f"held_out must lie in [3, {len(ALL_SUBJECTS) - 1}], got {self.held_out}")
 
@@ -332,6 +338,11 @@ def musar_config(cfg: StudyConfig, variant: str):
 
 
 # ----------------------------------------------------------------------------------------- report
+def _copy_line(copy: dict) -> str:
+    return (f"copied {copy['copied']:.2f} (same colour {copy['same_colour']:.2f}, same pattern "
+            f"{copy['same_pattern']:.2f}); left panel right {copy['left']:.2f}, right panel right {copy['right']:.2f}")
+
+
 def _cell(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
@@ -440,6 +451,15 @@ def run_study(cfg: StudyConfig) -> Path:
                          (BASE_REFS, {})):  # fmt: skip
         table, images = evaluate(untrained, cases, cfg, **kwargs)
         results[name], samples[name] = [table], images
+    copy = None
+    if cfg.copy_prior_pairs:
+        from .copy_prior import copy_prior, pair_cases
+
+        tick = time.perf_counter()
+        copy = copy_prior(untrained, pair_cases(cfg.copy_prior_pairs, seed=cfg.seed), steps=cfg.inference_steps,
+                          true_cfg_scale=cfg.true_cfg_scale, seed=cfg.seed)  # fmt: skip
+        timing["copy_prior_s"] = round(time.perf_counter() - tick, 1)
+        print(f"[toy study] base copy prior: {_copy_line(copy)}", flush=True)
     for variant in cfg.variants:
         results[variant] = []
         for seed in cfg.seeds:
@@ -477,6 +497,8 @@ def run_study(cfg: StudyConfig) -> Path:
         f"scale {cfg.true_cfg_scale} (negative: the empty prompt, no subjects); routing phrase {cfg.routing_phrase}, "
         f"routes from {'every block' if cfg.routes_from_layer is None else f'block {cfg.routes_from_layer}'}, "
         "condition prompt the item as in the training data.", "",
+        *([f"Base copy prior (`toystudy.copy_prior`, {copy['pairs']} pair prompts: left panel described, right "
+           f"named by its shape): {_copy_line(copy)}.", ""] if copy else []),
         "Fidelity: a requested subject found with its shape, colour and pattern; entanglement: found with its shape "
         "but another requested subject's colour or pattern (`toystudy.measure`). Mean ± sd over training seeds.", "",
         markdown, "",
@@ -491,9 +513,10 @@ def run_study(cfg: StudyConfig) -> Path:
         f"Timing (s): `{json.dumps(timing)}`", *([f"Notes: {cfg.notes}"] if cfg.notes else []), "",
     ]  # fmt: skip
     (out / "report.md").write_text("\n".join(report))
-    (out / "results.json").write_text(json.dumps({"results": {k: [{str(n): t for n, t in r.items()} for r in v]
-                                                              for k, v in results.items()},
-                                                  "timing_s": timing, "config": asdict(cfg)}, indent=1))  # fmt: skip
+    saved = {"results": {k: [{str(n): t for n, t in r.items()} for r in v] for k, v in results.items()},
+             "copy_prior": copy and {k: None if v != v else v for k, v in copy.items()},  # NaN is no JSON
+             "timing_s": timing, "config": asdict(cfg)}  # fmt: skip
+    (out / "results.json").write_text(json.dumps(saved, indent=1))
     mlflow.set_tracking_uri(cfg.tracking_uri)
     mlflow.set_experiment(cfg.experiment)
     with mlflow.start_run(run_name="toy-study"):
@@ -506,6 +529,9 @@ def run_study(cfg: StudyConfig) -> Path:
                 for extra in ("placed", "routing"):
                     if all(extra in r[n] for r in runs):
                         mlflow.log_metric(f"{key}.{extra}_{n}", statistics.mean(r[n][extra] for r in runs))
+        for k, v in (copy or {}).items():
+            if k != "pairs" and v == v:  # NaN (no left panel right) is not logged
+                mlflow.log_metric(f"base.copy_prior_{k}", v)
         mlflow.log_artifact(str(out / "report.md"))
         mlflow.log_artifact(str(out / "samples.png"))
         mlflow.log_artifact(str(out / "results.json"))
