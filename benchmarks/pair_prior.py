@@ -3,7 +3,7 @@
 Each base generates the same pair prompts (left panel described in full, right panel named by its
 shape alone) with true classifier-free guidance, and the detector reads both halves. Bases are
 measured side by side in one run, on the same prompts and seeds, so their rates compare directly.
-Customisation at toy scale follows the ``copied`` rate (README, toy study).
+Customisation at toy scale has tracked the ``copied`` rate, loosely (README, toy study).
 
     python benchmarks/pair_prior.py --base outputs/toy/base-w8 --base outputs/toy/base-w9 [--pairs 32]
 """

@@ -18,7 +18,7 @@ One command (``musar toy study``) runs, on top of a toy base model (``musar toy 
    the untrained base is judged too: with the shape-only prompt (the floor), with every subject
    described in words (whether the base can draw the world at all), and with the references attached
    but no MUSAR training (what the base copies from them unaided); and the base's copy prior
-   (``toystudy.copy_prior``), which customisation follows at this scale;
+   (``toystudy.copy_prior``), which customisation has tracked at this scale;
 4. a table (fidelity and entanglement per subject count, mean and spread over training seeds), a
    second one of subjects present at the place the prompt asked (``toystudy.measure``'s ``placed``),
    a third of how often dynamic routing sent a subject's region to its reference
@@ -119,7 +119,7 @@ class StudyConfig:
     true_cfg_scale: float = 3.0
     figure_cases: int = 4
     # Pair prompts for the base's copy prior (``toystudy.copy_prior``) in the report: customisation at
-    # toy scale follows it (README). 0 skips it.
+    # toy scale has tracked it, loosely (README). 0 skips it.
     copy_prior_pairs: int = 32
     tracking_uri: str = "sqlite:///outputs/toy/mlflow.db"
     experiment: str = "musar-toy-study"
