@@ -33,6 +33,8 @@ def test_evaluation_cases_name_distinct_shapes_of_held_out_subjects(tmp_path):
         StudyConfig(routing_phrase="colour")
     with pytest.raises(ValueError, match="copy_prior_pairs must be >= 0"):
         StudyConfig(copy_prior_pairs=-1)
+    with pytest.raises(ValueError, match="concurrent_models must be >= 1"):
+        StudyConfig(concurrent_models=0)
 
 
 def test_references_route_by_the_words_that_place_each_subject(tmp_path):
@@ -95,6 +97,21 @@ def test_reuse_trained_refuses_a_model_trained_with_other_settings(tmp_path):
     assert trained_lora(cfg, "full", 0) is None
 
 
+@pytest.mark.timeout(120)
+def test_concurrent_models_raise_the_first_failure_and_start_no_more(tmp_path, ray_local):
+    """A model that fails in its Ray task fails the study with its own error; queued models never start."""
+    from toystudy.study import train_and_judge_all
+
+    cfg = StudyConfig(base=str(tmp_path / "no-base"), output=str(tmp_path / "study"), concurrent_models=2,
+                      tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")  # fmt: skip
+    finished = []
+    jobs = [("full", 0, None), ("full", 1, None), ("no_dynamic", 0, None)]
+    with pytest.raises(FileNotFoundError, match="is not a FLUX.1 diffusers folder"):
+        train_and_judge_all(cfg, jobs, tmp_path / "shards", [], on_done=lambda job, result: finished.append(job))
+    assert finished == []
+    assert not (tmp_path / "study" / "train" / "no_dynamic-seed0").exists()
+
+
 @pytest.mark.timeout(900)  # ten short Ray Train stages: about 250 s on an idle 2-core machine
 def test_short_study_produces_the_table(tmp_path, ray_local, monkeypatch, capsys):
     base = build_toy_base(ToyBaseConfig(output=str(tmp_path / "base"), scenes=24, vae_steps=2, vae_batch=4, steps=2,
@@ -119,6 +136,7 @@ def test_short_study_produces_the_table(tmp_path, ray_local, monkeypatch, capsys
         assert all(0 <= run[n]["fidelity"] <= 1 and 0 <= run[n]["placed"] <= run[n]["fidelity"] for run in runs for n in run)
     assert (report.parent / "samples.png").is_file()
     assert f"true CFG scale {cfg.true_cfg_scale}" in text and "routes from block 0" in text
+    assert "seeds [0], 2 model(s) at a time on 1 thread(s) each" in text  # the defaults: two Ray tasks
     assert "Base copy prior (`toystudy.copy_prior`, 2 pair prompts" in text
     saved = json.loads((report.parent / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     copy = saved["copy_prior"]
@@ -131,9 +149,11 @@ def test_short_study_produces_the_table(tmp_path, ray_local, monkeypatch, capsys
     assert "no_dynamic.routing_2" not in runs[0].data.metrics
     with pytest.raises(FileExistsError, match="overwrite=true"):
         run_study(cfg)
-    # Re-judged with other evaluation settings: every model is reused, none trained again.
+    # Re-judged with other evaluation settings, one model at a time in this process: every model is
+    # reused, none trained again.
     capsys.readouterr()
-    again = run_study(dataclasses.replace(cfg, reuse_trained=True, overwrite=True, routes_from_layer=None))
+    again = run_study(dataclasses.replace(cfg, reuse_trained=True, overwrite=True, routes_from_layer=None,
+                                          concurrent_models=1))  # fmt: skip
     assert capsys.readouterr().out.count("reusing ") == len(DEFAULT_VARIANTS)
     text = again.read_text()
     assert "routes from every block" in text and "not trained again: full-seed0, no_diptych-seed0" in text
