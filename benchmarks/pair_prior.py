@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 
@@ -45,13 +44,11 @@ def main() -> None:
         rates = copy_prior(pipe, cases, steps=args.steps, true_cfg_scale=args.cfg, seed=args.seed)
         results[base] = rates
         del pipe
-        cells = ["-" if math.isnan(rates[k]) else f"{rates[k]:.2f}" for k in columns]
+        cells = ["-" if rates[k] is None else f"{rates[k]:.2f}" for k in columns]
         print(f"| {base} | " + " | ".join(cells) + f" | {time.perf_counter() - tick:.0f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            plain = {b: {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
-                     for b, r in results.items()}  # fmt: skip
-            json.dump({"args": vars(args), "rates": plain}, f, indent=1)
+            json.dump({"args": vars(args), "rates": results}, f, indent=1)
 
 
 if __name__ == "__main__":

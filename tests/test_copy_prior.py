@@ -103,6 +103,12 @@ def test_copy_prior_averages_over_pairs_and_asks_for_2_to_1_images():
     with pytest.raises(ValueError, match="at least one pair"):
         copy_prior(pipe, [])
 
+    def blank(prompts, subjects, **kwargs):  # nothing drawn: no left panel right, so no conditional rate
+        return SimpleNamespace(images=[Image.new("RGB", (128, 64), "white") for _ in prompts])
+
+    rates = copy_prior(blank, cases[:2])
+    assert rates["copied_given_left"] is None and rates["left"] == rates["copied"] == 0.0
+
 
 def test_pair_prior_benchmark_runs_two_bases_side_by_side(tmp_path, monkeypatch, capsys):
     import json

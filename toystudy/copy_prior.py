@@ -74,10 +74,10 @@ def judge_pair(image, subject: Subject) -> dict[str, bool]:
 
 
 def copy_prior(pipe, cases: list[PairCase], *, size: int = 64, steps: int = 16, true_cfg_scale: float = 3.0,
-               seed: int = 0, batch: int = 8) -> dict[str, float]:  # fmt: skip
+               seed: int = 0, batch: int = 8) -> dict[str, float | None]:  # fmt: skip
     """Generate every case once (``pipe``: a ``MUSARPipeline`` on the base, no subjects) and average
-    :func:`judge_pair` over them; also ``copied_given_left`` (NaN when no left panel was right) and
-    ``pairs`` (the count)."""
+    :func:`judge_pair` over them; also ``copied_given_left`` (None when no left panel was right: no
+    rate, and no NaN for JSON or MLflow to choke on) and ``pairs`` (the count)."""
     import torch
 
     if not cases:
@@ -91,6 +91,6 @@ def copy_prior(pipe, cases: list[PairCase], *, size: int = 64, steps: int = 16, 
         judged += [judge_pair(image, c.subject) for image, c in zip(out.images, chunk)]
     rates = {k: sum(j[k] for j in judged) / len(judged) for k in RATES}
     lefts = [j for j in judged if j["left"]]
-    rates["copied_given_left"] = sum(j["copied"] for j in lefts) / len(lefts) if lefts else float("nan")
+    rates["copied_given_left"] = sum(j["copied"] for j in lefts) / len(lefts) if lefts else None
     rates["pairs"] = len(judged)
     return rates

@@ -590,7 +590,7 @@ def run_study(cfg: StudyConfig) -> Path:
     ]  # fmt: skip
     (out / "report.md").write_text("\n".join(report))
     saved = {"results": {k: [{str(n): t for n, t in r.items()} for r in v] for k, v in results.items()},
-             "copy_prior": copy and {k: None if v != v else v for k, v in copy.items()},  # NaN is no JSON
+             "copy_prior": copy,
              "timing_s": timing, "config": asdict(cfg)}  # fmt: skip
     (out / "results.json").write_text(json.dumps(saved, indent=1))
     mlflow.set_tracking_uri(cfg.tracking_uri)
@@ -606,7 +606,7 @@ def run_study(cfg: StudyConfig) -> Path:
                     if all(extra in r[n] for r in runs):
                         mlflow.log_metric(f"{key}.{extra}_{n}", statistics.mean(r[n][extra] for r in runs))
         for k, v in (copy or {}).items():
-            if k != "pairs" and v == v:  # NaN (no left panel right) is not logged
+            if k != "pairs" and v is not None:  # None: no left panel was right
                 mlflow.log_metric(f"base.copy_prior_{k}", v)
         mlflow.log_artifact(str(out / "report.md"))
         mlflow.log_artifact(str(out / "samples.png"))
