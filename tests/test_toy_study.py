@@ -175,3 +175,16 @@ def _diptych_routing_benchmark_reads_the_study_shards(base, shards, monkeypatch,
     monkeypatch.setattr("sys.argv", [script, "--base", str(base), "--shards", str(shards.parent / "nowhere")])
     with pytest.raises(SystemExit):  # no encoded shards there
         runpy.run_path(script, run_name="__main__")
+
+
+def test_study_concurrency_benchmark_refuses_bad_input(tmp_path, monkeypatch, capsys):
+    """benchmarks/study_concurrency.py stops before Ray starts on a bad count or shards without encoded/."""
+    import runpy
+    from pathlib import Path
+
+    script = str(Path(__file__).resolve().parents[1] / "benchmarks" / "study_concurrency.py")
+    for extra, message in ((["--models", "0"], "must be >= 1"), ([], "no encoded shards")):
+        monkeypatch.setattr("sys.argv", [script, "--base", str(tmp_path), "--shards", str(tmp_path), *extra])
+        with pytest.raises(SystemExit):
+            runpy.run_path(script, run_name="__main__")
+        assert message in capsys.readouterr().err
