@@ -165,28 +165,38 @@ def _routed_target_attention(q, k, v, layout, rules, routes, attend, key_valid):
     return _attend_per_route(q[:, t0:t1], routes, layout.num_conditions, keys_for, attend)
 
 
-def _routed_queries(routes: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Positions (B, width) of the target queries routed to condition r, gathered per sample and
-    padded to the batch's largest count, with which of them are real (B, width); None if none are.
+def _route_groups(routes: torch.Tensor, num_conditions: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Per condition r: positions (B, width_r) of the target queries routed to r, gathered per sample
+    (in token order) and padded to the batch's largest count, and which of them are real (B, width_r);
+    None where no sample routes a query to r. Padding positions belong to other routes: their
+    outputs must be discarded (``valid``).
 
-    Padding positions belong to other routes: their outputs must be discarded (``valid``).
+    One stable sort groups every route at once, and the widths are read from the device once per
+    layer: on a GPU the forward is bound by how fast the host launches kernels, and a per-condition
+    sort and read cost several launches and a queue drain each (benchmarks/flux_scale_gpu.py).
+    Shape-only (meta) execution cannot read counts; it runs every query through each call.
     """
-    chosen = routes == r  # (B, n)
-    count = chosen.sum(dim=1)
-    # Shape-only (meta) execution cannot read counts; it runs every query through each call.
-    width = routes.shape[1] if routes.is_meta else int(count.max())
-    if width == 0:
-        return None
-    order = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, :width]  # routed to r first
-    return order, torch.arange(width, device=routes.device)[None, :] < count[:, None]
+    batch, n = routes.shape
+    counts = routes.new_zeros(batch, num_conditions).scatter_add_(1, routes, torch.ones_like(routes))
+    widths = [n] * num_conditions if routes.is_meta else counts.amax(dim=0).tolist()
+    order = torch.argsort(routes, dim=1, stable=True)  # grouped by route, token order within a route
+    starts = counts.cumsum(dim=1) - counts
+    groups: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    for r, width in enumerate(widths):
+        if width == 0:
+            groups.append(None)
+            continue
+        j = torch.arange(width, device=routes.device)[None, :]
+        index = (starts[:, r : r + 1] + j).clamp_(max=n - 1)
+        groups.append((order.gather(1, index), j < counts[:, r : r + 1]))
+    return groups
 
 
 def _attend_per_route(q_x, routes, num_conditions, keys_for, attend) -> torch.Tensor:
     """Target queries routed to condition r form one call over ``keys_for(r)``; outputs scattered back
     (each position gets exactly one non-zero contribution, so the sum is exact)."""
     out = torch.zeros_like(q_x)
-    for r in range(num_conditions):
-        picked = _routed_queries(routes, r)
+    for r, picked in enumerate(_route_groups(routes, num_conditions)):
         if picked is None:
             continue
         order, valid = picked
@@ -228,8 +238,7 @@ def cached_condition_attention(
             out, lse = merge_attention(out, lse, *attention_with_lse(q_x, ck, cv, _padding(mask)))
         return torch.cat([shared[:, :m], out], dim=1)
     cond_out, cond_lse = torch.zeros_like(q_x), q_x.new_zeros(q_x.shape[:3], dtype=torch.float32)
-    for r, (ck, cv, mask) in enumerate(cond_kv):
-        picked = _routed_queries(routes, r)
+    for (ck, cv, mask), picked in zip(cond_kv, _route_groups(routes, len(cond_kv))):
         if picked is None:
             continue
         index, valid = picked
@@ -377,6 +386,8 @@ class AttentionRouter:
             routes = self._routes[self.routes_from_layer]
             affinity = None if self.record is None else self.record.affinity[self.routes_from_layer]
         else:
+            if self._span_weights is None:  # eq. 3's weights: once per forward, not per layer
+                self._span_weights = self.layout.span_weights(torch.float32, q.device)
             with torch.no_grad():
                 prompt_valid = None if self.key_valid is None else self.key_valid[:, : self.layout.prompt_len]
                 affinity, routes = affinity_and_routes(q.detach(), k.detach(), self.layout, self._span_weights, prompt_valid)
