@@ -11,7 +11,7 @@ routing they compute exactly what the stock blocks compute.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
@@ -20,6 +20,43 @@ from torch import nn
 from .layout import Segment, TokenLayout
 from .lora import RowPlan, routed_linear
 from .routing import AttentionRouter
+
+
+@dataclass
+class TokenEmbeddings:
+    """Which conditioning embedding modulates each token of a stream.
+
+    ``stacked`` (B, U, D) holds the forward's U distinct embeddings (prompt and target share one);
+    ``rows[stream]`` (S,) picks one per token, or is None when a single embedding
+    (``single[stream]``) covers the stream, as in stock FLUX. Built once per forward so that a
+    block's adaLN is one matmul over the U embeddings and one row gather, whatever the number of
+    conditions: on a GPU the routed forward is bound by kernel launches (benchmarks/flux_scale_gpu.py).
+    """
+
+    stacked: torch.Tensor
+    rows: dict[str, torch.Tensor | None]
+    single: dict[str, torch.Tensor]
+
+    @classmethod
+    def build(cls, group_temb: dict[int, torch.Tensor], streams: dict[str, list[Segment]]) -> "TokenEmbeddings":
+        slots: dict[int, int] = {}
+        distinct: list[torch.Tensor] = []
+        for temb in group_temb.values():
+            if id(temb) not in slots:
+                slots[id(temb)] = len(distinct)
+                distinct.append(temb)
+        stacked = torch.stack(distinct, dim=1)
+        rows: dict[str, torch.Tensor | None] = {}
+        single: dict[str, torch.Tensor] = {}
+        for name, segments in streams.items():
+            live = [(s.length, slots[id(group_temb[s.group])]) for s in segments if s.length]
+            used = {slot for _, slot in live}
+            if len(used) <= 1:
+                rows[name], single[name] = None, distinct[next(iter(used), 0)]
+            else:
+                rows[name] = torch.cat([torch.full((length,), slot, dtype=torch.long, device=stacked.device)
+                                        for length, slot in live])  # fmt: skip
+        return cls(stacked, rows, single)
 
 
 @dataclass
@@ -36,28 +73,24 @@ class BlockContext:
     text_plan: RowPlan
     image_plan: RowPlan
     joint_plan: RowPlan
+    embeddings: TokenEmbeddings = field(init=False)
+
+    def __post_init__(self) -> None:
+        streams = {"text": self.text_segments, "image": self.image_segments, "joint": self.joint_segments}
+        self.embeddings = TokenEmbeddings.build(self.group_temb, streams)
 
 
-def _modulation(norm: nn.Module, ctx: BlockContext, segments: list[Segment], chunks: int) -> list[torch.Tensor]:
-    """adaLN parameters per token: each segment gets the projection of its own group's embedding.
+def _modulation(norm: nn.Module, ctx: BlockContext, stream: str, chunks: int) -> list[torch.Tensor]:
+    """adaLN parameters per token: each token gets the projection of its own group's embedding.
 
-    Returns ``chunks`` tensors of shape (B, S, D), or (B, 1, D) when one embedding covers the sequence.
+    Returns ``chunks`` tensors of shape (B, S, D), or (B, 1, D) when one embedding covers the stream.
     """
-    params: dict[int, tuple[torch.Tensor, ...]] = {}
-    by_tensor: dict[int, tuple[torch.Tensor, ...]] = {}
-    live = [s for s in segments if s.length]
-    for seg in live:
-        if seg.group in params:
-            continue
-        temb = ctx.group_temb[seg.group]
-        if id(temb) not in by_tensor:  # prompt and target share the target's embedding
-            by_tensor[id(temb)] = norm.linear(norm.silu(temb)).chunk(chunks, dim=1)
-        params[seg.group] = by_tensor[id(temb)]
-    if len(by_tensor) == 1:
-        return [p[:, None] for p in next(iter(params.values()))]
-    return [
-        torch.cat([params[s.group][i][:, None].expand(-1, s.length, -1) for s in live], dim=1) for i in range(chunks)
-    ]
+    emb = ctx.embeddings
+    rows = emb.rows[stream]
+    if rows is None:
+        return [p[:, None] for p in norm.linear(norm.silu(emb.single[stream])).chunk(chunks, dim=1)]
+    params = norm.linear(norm.silu(emb.stacked))  # (B, U, chunks * D)
+    return list(params.index_select(1, rows).chunk(chunks, dim=-1))
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -82,10 +115,8 @@ def _feed_forward(ff: nn.Module, x: torch.Tensor, plan: RowPlan) -> torch.Tensor
 def double_block_forward(block: nn.Module, text: torch.Tensor, image: torch.Tensor, ctx: BlockContext, layer: int):
     """One ``FluxTransformerBlock``: separate weights per stream, routed joint attention."""
     attn = block.attn
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(block.norm1, ctx, ctx.image_segments, 6)
-    c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = _modulation(
-        block.norm1_context, ctx, ctx.text_segments, 6
-    )
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(block.norm1, ctx, "image", 6)
+    c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = _modulation(block.norm1_context, ctx, "text", 6)
     norm_image = block.norm1.norm(image) * (1 + scale_msa) + shift_msa
     norm_text = block.norm1_context.norm(text) * (1 + c_scale_msa) + c_shift_msa
 
@@ -122,7 +153,7 @@ def single_block_forward(block: nn.Module, x: torch.Tensor, ctx: BlockContext, l
     """One ``FluxSingleTransformerBlock`` over the joint sequence: parallel attention and MLP."""
     attn = block.attn
     residual = x
-    shift, scale, gate = _modulation(block.norm, ctx, ctx.joint_segments, 3)
+    shift, scale, gate = _modulation(block.norm, ctx, "joint", 3)
     norm_x = block.norm.norm(x) * (1 + scale) + shift
     mlp = block.act_mlp(routed_linear(block.proj_mlp, norm_x, ctx.joint_plan))
 
