@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -98,6 +99,16 @@ def test_reuse_trained_refuses_a_model_trained_with_other_settings(tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_models_to_train_start_before_models_only_rejudged():
+    from toystudy.study import schedule
+
+    lora = Path("outputs/some/lora")
+    jobs = [("full", 0, lora), ("full", 1, None), ("no_dynamic", 0, lora), ("no_dynamic", 1, None), ("no_diptych", 0, None)]
+    assert schedule(jobs) == [("full", 1, None), ("no_dynamic", 1, None), ("no_diptych", 0, None), ("full", 0, lora),
+                              ("no_dynamic", 0, lora)]  # fmt: skip
+    assert schedule([]) == []
+
+
 def test_concurrent_models_raise_the_first_failure_with_its_own_error(tmp_path, ray_local):
     """A model that fails in its Ray task fails the study with its own error type and message."""
     from toystudy.study import train_and_judge_all
