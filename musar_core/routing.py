@@ -168,8 +168,8 @@ def _routed_target_attention(q, k, v, layout, rules, routes, attend, key_valid):
 def _route_groups(routes: torch.Tensor, num_conditions: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
     """Per condition r: positions (B, width_r) of the target queries routed to r, gathered per sample
     (in token order) and padded to the batch's largest count, and which of them are real (B, width_r);
-    None where no sample routes a query to r. Padding positions belong to other routes: their
-    outputs must be discarded (``valid``).
+    None where no sample routes a query to r. Padding positions hold some token of the sample (of
+    any route): their outputs must be discarded (``valid``).
 
     One stable sort groups every route at once, and the widths are read from the device once per
     layer: on a GPU the forward is bound by how fast the host launches kernels, and a per-condition

@@ -339,3 +339,19 @@ def test_routes_from_layer_is_checked():
         MusarConfig(routes_from_layer=1, dynamic_routing_layers=(0, 3))
     with pytest.raises(ValueError, match="routes_from_layer=4 names no block: this transformer has 4"):
         MusarTransformer(tiny_transformer(seed=9), MusarConfig(routes_from_layer=4))
+
+
+def test_route_groups_gather_each_route_in_token_order_with_padding_marked():
+    """One sort for every route: sample 0 routes tokens 1, 3 to condition 1; sample 1 routes token 2
+    there; nobody routes to condition 2. Widths are the batch's largest count per route."""
+    from musar_core.routing import _route_groups
+
+    routes = torch.tensor([[0, 1, 0, 1, 0], [0, 0, 1, 0, 0]])
+    groups = _route_groups(routes, 3)
+    assert groups[2] is None
+    (pos0, valid0), (pos1, valid1) = groups[0], groups[1]
+    assert valid0.tolist() == [[True, True, True, False], [True, True, True, True]]
+    assert pos0[valid0].tolist() == [0, 2, 4, 0, 1, 3, 4]  # each sample's route-0 tokens, in order
+    assert valid1.tolist() == [[True, True], [True, False]]
+    assert pos1[valid1].tolist() == [1, 3, 2]
+    assert pos0.shape == (2, 4) and pos1.shape == (2, 2) and int(pos1.max()) < 5  # padding: some real token
