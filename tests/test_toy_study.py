@@ -98,7 +98,6 @@ def test_reuse_trained_refuses_a_model_trained_with_other_settings(tmp_path):
     assert trained_lora(cfg, "full", 0) is None
 
 
-@pytest.mark.timeout(120)
 def test_models_to_train_start_before_models_only_rejudged():
     from toystudy.study import schedule
 
@@ -109,6 +108,7 @@ def test_models_to_train_start_before_models_only_rejudged():
     assert schedule([]) == []
 
 
+@pytest.mark.timeout(120)
 def test_concurrent_models_raise_the_first_failure_with_its_own_error(tmp_path, ray_local):
     """A model that fails in its Ray task fails the study with its own error type and message."""
     from toystudy.study import train_and_judge_all
