@@ -133,9 +133,10 @@ def test_short_study_produces_the_table(tmp_path, ray_local, monkeypatch, capsys
     text = report.read_text()
     main, rest = text.split("\nPlaced: ")
     placed, routing = rest.split("\nRouting: ")
+    routing, leaks = routing.split("\nLeaks: ")
     names = ["base (untrained)", "base, subjects described in words", "base + references, no MUSAR training",
              *DEFAULT_VARIANTS]
-    for table in (main, placed):  # the fidelity/entanglement table, then the placed table, same rows
+    for table in (main, placed, leaks):  # fidelity/entanglement, placed, and leak tables: the same rows
         rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| model")]
         assert [r.split(" | ")[0][2:] for r in rows] == names
     routed = [line.split(" | ")[0][2:] for line in routing.splitlines() if line.startswith("| ") and "model" not in line]
@@ -143,6 +144,9 @@ def test_short_study_produces_the_table(tmp_path, ray_local, monkeypatch, capsys
     results = json.loads((report.parent / "results.json").read_text())["results"]
     for name, runs in results.items():
         assert all(set(run) == {"1", "2", "3"} for run in runs), name
+        swapped = name not in ("base (untrained)", "base, subjects described in words")  # the runs with references
+        assert all(("swap_follows" in run["2"]) == swapped and "swap_follows" not in run["3"] for run in runs), name
+        assert all(run["2"]["entanglement_chance"] is None for run in runs)  # one case per subject count
         assert all(0 <= run[n]["fidelity"] <= 1 and 0 <= run[n]["placed"] <= run[n]["fidelity"] for run in runs for n in run)
     assert (report.parent / "samples.png").is_file()
     assert f"true CFG scale {cfg.true_cfg_scale}" in text and "routes from block 0" in text
@@ -155,7 +159,9 @@ def test_short_study_produces_the_table(tmp_path, ray_local, monkeypatch, capsys
     runs = client.search_runs([client.get_experiment_by_name("musar-toy-study").experiment_id],
                               filter_string="attributes.run_name = 'toy-study'")  # fmt: skip
     assert len(runs) == 1
-    assert {"full.fidelity_2", "full.placed_2", "full.routing_3", "base.copy_prior_copied"} <= set(runs[0].data.metrics)
+    assert {"full.fidelity_2", "full.placed_2", "full.routing_3", "base.copy_prior_copied", "full.swap_follows_2",
+            "full.twin_present_2", "full.entanglement_chance_1"} <= set(runs[0].data.metrics)  # fmt: skip
+    assert "full.entanglement_chance_2" not in runs[0].data.metrics  # None: one case, no null
     assert "no_dynamic.routing_2" not in runs[0].data.metrics
     with pytest.raises(FileExistsError, match="overwrite=true"):
         run_study(cfg)

@@ -14,7 +14,7 @@ from pipelines.panels import PanelGeometry, cut_panels
 from pipelines.samples import condition_prompts, diptych_prompt
 from pipelines.synthetic import SCHEMA
 from toystudy.detector import Detection, detect
-from toystudy.measure import aggregate, judge, match, measure
+from toystudy.measure import aggregate, chance_entanglement, judge, match, measure
 from toystudy.subject200k import MANIFEST, ToyDataConfig, row_subjects, write_toy_subject200k
 from toystudy.world import (
     ALL_SUBJECTS,
@@ -208,8 +208,10 @@ def test_measure_correct_and_swapped_images():
     missing = measure(picture(Subject("circle", "green", "dotted")), [TRIANGLE, CIRCLE])
     assert [(o.present, o.entangled) for o in missing] == [(False, False), (False, False)]
     table = aggregate([right, swapped, leaked, missing, measure(picture(TRIANGLE), [TRIANGLE])])
-    assert table[1] == {"fidelity": 1.0, "entanglement": 0.0, "all_present": 1.0, "cases": 1, "subjects": 1}
+    assert table[1] == {"fidelity": 1.0, "entanglement": 0.0, "entanglement_chance": 0.0, "all_present": 1.0,
+                        "cases": 1, "subjects": 1}  # fmt: skip
     assert table[2]["fidelity"] == 3 / 8 and table[2]["entanglement"] == 3 / 8 and table[2]["all_present"] == 1 / 4
+    assert table[2]["entanglement_chance"] is None  # one subject set: no unrelated partners to judge against
     assert table[2]["cases"] == 4 and table[2]["subjects"] == 8
 
 
@@ -236,6 +238,23 @@ def test_measure_fidelity_is_one_on_rendered_cases():
 
 def det(shape, colour, pattern, area=100) -> Detection:
     return Detection(shape, colour, pattern, (0, 0, 10, 10), area, 0.9)
+
+
+def test_chance_entanglement_judges_each_subject_against_other_cases_partners():
+    t, c = Subject("triangle", "red", "striped"), Subject("circle", "blue", "dotted")
+    q, h = Subject("square", "green", "solid"), Subject("heart", "red", "checkered")
+    first = judge([t, c], [det("triangle", "blue", "striped"), det("circle", "blue", "dotted")])
+    second = judge([q, h], [det("square", "red", "solid"), det("heart", "red", "checkered")])
+    assert [o.entangled for o in first + second] == [True, False, True, False]
+    # Against the other case's first subject instead: the triangle's blue is not the square's green, the
+    # circle is right; the square's red is the triangle's (and not its own green); the heart is right.
+    assert chance_entanglement([first, second]) == 1 / 4
+    again = judge([t, c], [det("triangle", "red", "striped"), det("circle", "blue", "dotted")])  # another seed
+    # The same subject set under another seed is no decoy: each {t, c} case is judged against the {q, h}
+    # case only, and the square against both {t, c} cases (both times entangled with the triangle's red).
+    assert chance_entanglement([first, again, second]) == (0 + 0 + 0 + 0 + 2 * 1 + 0) / (4 + 2 * 2)
+    table = aggregate([first, second])
+    assert table[2]["entanglement"] == 1 / 2 and table[2]["entanglement_chance"] == 1 / 4
 
 
 def test_matching_is_one_to_one_within_shape():

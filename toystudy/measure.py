@@ -22,7 +22,8 @@ matched one-to-one to the requested subjects:
 Unmatched detections (extra or duplicated objects) count for neither. :func:`aggregate` averages
 ``present`` (fidelity) and ``entangled`` (entanglement) over every requested subject, separately
 for 1-, 2- and 3-subject cases; entanglement is 0 by definition for single subjects; ``placed`` is
-averaged the same way when every outcome has it.
+averaged the same way when every outcome has it; ``entanglement_chance`` is entanglement's null
+(:func:`chance_entanglement`: the same outcomes judged against unrelated partners).
 """
 
 from __future__ import annotations
@@ -76,15 +77,37 @@ def judge(subjects: Sequence[Subject], detections: Sequence[Detection]) -> list[
         raise ValueError(f"requested subjects must be distinct: {subjects}")
     outcomes = []
     for s, det in zip(subjects, match(subjects, detections)):
-        present = entangled = False
-        if det is not None:
-            present = (det.colour, det.pattern) == (s.colour, s.pattern)
-            others = [o for o in subjects if o != s]
-            entangled = any(
-                (det.colour == o.colour != s.colour) or (det.pattern == o.pattern != s.pattern) for o in others
-            )
-        outcomes.append(Outcome(s, det, present, entangled))
+        present = det is not None and (det.colour, det.pattern) == (s.colour, s.pattern)
+        outcomes.append(Outcome(s, det, present, entangled_with(s, det, [o for o in subjects if o != s])))
     return outcomes
+
+
+def entangled_with(subject: Subject, det: Detection | None, others: Iterable[Subject]) -> bool:
+    """``det`` (matched to ``subject``) carries one of ``others``' colours or patterns in place of its own."""
+    if det is None:
+        return False
+    return any((det.colour == o.colour != subject.colour) or (det.pattern == o.pattern != subject.pattern)
+               for o in others)  # fmt: skip
+
+
+def chance_entanglement(cases: Sequence[Sequence[Outcome]]) -> float | None:
+    """Entanglement's null: each subject judged against the subjects of *other* cases of the same size.
+
+    With 6 colours and 4 patterns, a wrong attribute often lands on a requested partner's by chance, so
+    a model that draws more subjects with their own shape (and some wrong attributes) scores more
+    entanglement without any leak. Here every subject's outcome is scored against every other case's
+    subjects (the same held-out pool; a case with the same subject set, i.e. the same case under another
+    evaluation seed, is skipped), ``n - 1`` of them as partners: the entanglement its errors would show
+    if its partners had nothing to do with it. Entanglement above this is what the partners caused."""
+    hits = total = 0
+    for case in cases:
+        mine = {o.subject for o in case}
+        decoys = [c for c in cases if {o.subject for o in c} != mine]
+        for o in case:
+            for other in decoys:
+                hits += entangled_with(o.subject, o.detection, [x.subject for x in other if x.subject != o.subject][: len(case) - 1])
+            total += len(decoys)
+    return hits / total if total else None  # one case (or one subject set): no unrelated partners
 
 
 def location_of(bbox: tuple[int, int, int, int], size: tuple[int, int]) -> str:
@@ -110,7 +133,8 @@ def measure(image, subjects: Sequence[Subject], placements: Sequence[Placement] 
 
 def aggregate(cases: Iterable[Sequence[Outcome]]) -> dict[int, dict[str, float]]:
     """Per number of subjects: fidelity (mean present), entanglement (mean entangled) over subjects,
-    all_present (share of cases with every subject present), and the case and subject counts."""
+    its null (:func:`chance_entanglement`; None with a single subject set, 0 for single subjects), all_present
+    (share of cases with every subject present), and the case and subject counts."""
     groups: dict[int, list[Sequence[Outcome]]] = {}
     for case in cases:
         if not case:
@@ -123,6 +147,7 @@ def aggregate(cases: Iterable[Sequence[Outcome]]) -> dict[int, dict[str, float]]
             "fidelity": sum(o.present for o in flat) / len(flat),
             "entanglement": sum(o.entangled for o in flat) / len(flat),
             "all_present": sum(all(o.present for o in case) for case in groups[n]) / len(groups[n]),
+            "entanglement_chance": chance_entanglement(groups[n]) if n > 1 else 0.0,
             "cases": len(groups[n]),
             "subjects": len(flat),
         }

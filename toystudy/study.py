@@ -37,7 +37,7 @@ import json
 import re
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +123,10 @@ class StudyConfig:
     # 1 turns it off. Chosen on the base alone, on cases of another seed (see README).
     true_cfg_scale: float = 3.0
     figure_cases: int = 4
+    # ``toystudy.swap_probe``: each 2-subject case generated again with its last reference swapped for a
+    # twin (same shape, unused colour and pattern), to read whether that reference reaches the other
+    # subject. A third more generation per model; false skips it.
+    swap_probe: bool = True
     # Pair prompts for the base's copy prior (``toystudy.copy_prior``) in the report: customisation at
     # toy scale has tracked it, loosely (README). 0 skips it.
     copy_prior_pairs: int = 32
@@ -225,23 +229,38 @@ def evaluate(
 ) -> tuple[dict, list[Image.Image]]:
     """Generate every case with ``eval_seeds`` seeds and judge the images; returns (table, first images).
 
-    Without subjects the prompt names shapes only (the floor); ``described`` spells out every subject."""
+    Without subjects the prompt names shapes only (the floor); ``described`` spells out every subject.
+    With subjects and ``cfg.swap_probe``, each 2-subject case is generated again with the same noise and
+    its last reference swapped for a twin (``toystudy.swap_probe``), judged into the 2-subject row."""
     import torch
 
     from .measure import aggregate, measure, routing_hits
+    from .swap_probe import aggregate_swaps, judge_swap, twin_and_decoy
 
-    outcomes, firsts, routing = [], [None] * len(cases), {}
+    def generate(batch: list[Case], noise: list[int], seed: int, routes: bool = False):
+        """One batched call; case ``noise[b]``'s generator for row b (a swapped case keeps its original's)."""
+        prompts = [c.described if described else c.prompt for c in batch]
+        refs = [c.references(cfg.routing_phrase) for c in batch] if with_subjects else None
+        generators = [torch.Generator().manual_seed(1000 * i + seed) for i in noise]
+        return pipe(prompts, refs, height=64, width=64, num_inference_steps=cfg.inference_steps, guidance_scale=1.0,
+                    true_cfg_scale=cfg.true_cfg_scale, generator=generators, progress=False,
+                    return_routing=routes)  # fmt: skip
+
+    outcomes, firsts, routing, swaps = [], [None] * len(cases), {}, []
     for n in (1, 2, 3):  # one batched call per subject count (a batch needs equal subject counts)
         picked = [i for i, case in enumerate(cases) if len(case.subjects) == n]
+        if not picked:
+            continue
         for seed in range(cfg.eval_seeds):
-            prompts = [cases[i].described if described else cases[i].prompt for i in picked]
-            refs = [cases[i].references(cfg.routing_phrase) for i in picked] if with_subjects else None
-            generators = [torch.Generator().manual_seed(1000 * i + seed) for i in picked]
-            out = pipe(prompts, refs, height=64, width=64, num_inference_steps=cfg.inference_steps, guidance_scale=1.0,
-                       true_cfg_scale=cfg.true_cfg_scale, generator=generators, progress=False,
-                       return_routing=bool(with_subjects and n >= 2))  # fmt: skip
+            out = generate([cases[i] for i in picked], picked, seed, routes=bool(with_subjects and n >= 2))
+            before = [measure(image, cases[i].subjects, cases[i].placements) for i, image in zip(picked, out.images)]
+            if with_subjects and n == 2 and cfg.swap_probe:  # the same noise, the last reference swapped
+                pairs = [twin_and_decoy(cases[i].subjects, i) for i in picked]
+                twins = [replace(cases[i], subjects=(cases[i].subjects[0], twin)) for i, (twin, _) in zip(picked, pairs)]
+                after = [measure(image, c.subjects, c.placements) for c, image in zip(twins, generate(twins, picked, seed).images)]
+                swaps += [judge_swap(b, a, twin, decoy) for b, a, (twin, decoy) in zip(before, after, pairs)]
             for b, (i, image) in enumerate(zip(picked, out.images)):
-                outcomes.append(measure(image, cases[i].subjects, cases[i].placements))
+                outcomes.append(before[b])
                 if seed == 0:
                     firsts[i] = image
                 if out.routing is not None:  # dynamic routing's choices (none recorded when it is off)
@@ -249,6 +268,8 @@ def evaluate(
                     hits, total = routing_hits(routes, cases[i].placements, out.routing.grid)
                     routing[n] = [x + y for x, y in zip(routing.get(n, (0, 0)), (hits, total))]
     table = aggregate(outcomes)
+    if swaps:
+        table[2].update(aggregate_swaps(swaps))
     for n, (hits, total) in routing.items():
         if total:
             table[n]["routing"] = hits / total
@@ -460,6 +481,23 @@ def routing_markdown(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def leak_markdown(results: dict[str, list[dict]]) -> str:
+    """Rows: models; columns: entanglement beside its chance level (``measure.chance_entanglement``)
+    for 2/3 subjects, then the swap probe's follows / drifts / twin present (``toystudy.swap_probe``);
+    "-" where a model has no value (a single subject set, or no references to swap)."""
+    keys = [(2, "entanglement"), (2, "entanglement_chance"), (3, "entanglement"), (3, "entanglement_chance"),
+            (2, "swap_follows"), (2, "swap_drifts"), (2, "twin_present")]  # fmt: skip
+    lines = ["| model | ent 2 | chance 2 | ent 3 | chance 3 | follows 2 | drifts 2 | twin present 2 | seeds |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, runs in results.items():
+        cells = []
+        for n, key in keys:
+            values = [r[n].get(key) for r in runs]
+            cells.append("-" if None in values else _cell(values))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(runs)} |")
+    return "\n".join(lines)
+
+
 def figure(cases: list[Case], columns: dict[str, list[Image.Image]], count: int) -> Image.Image:
     """Figure 8's layout: per case its references, then one generated sample per model."""
     picked = [i for i, c in enumerate(cases) if len(c.subjects) >= 2][:count]
@@ -593,6 +631,13 @@ def run_study(cfg: StudyConfig) -> Path:
         "Routing: of the target tokens inside one requested subject's box (the prompt's placement), the share "
         "that dynamic routing sent to that subject's reference, over every denoising step and block (chance: "
         "1/2 and 1/3). Models without dynamic routing have no row.", "", routing_markdown(results), "",
+        "Leaks: entanglement beside its chance level, the same outcomes judged against the subjects of "
+        "other cases as partners (`measure.chance_entanglement`): entanglement above it is what the requested "
+        "partners caused. Then the swap probe (`toystudy.swap_probe`), 2-subject cases generated again with "
+        "the same noise and the second reference swapped for a twin (same shape, a colour and pattern no "
+        "subject has): *follows*, the first subject newly carries the twin's colour or pattern; *drifts*, "
+        "newly carries the decoy's (another unused pair, which no reference had: the null for follows); "
+        "*twin present*, the second subject drawn as the twin.", "", leak_markdown(results), "",
         "![samples](samples.png)", "",
         "Figure: per row the references, then one sample per model (columns: " + ", ".join(samples) + ").", "",
         f"Timing (s): `{json.dumps(timing)}`", *([f"Notes: {cfg.notes}"] if cfg.notes else []), "",
@@ -611,8 +656,8 @@ def run_study(cfg: StudyConfig) -> Path:
             for n in (1, 2, 3):
                 mlflow.log_metric(f"{key}.fidelity_{n}", statistics.mean(r[n]["fidelity"] for r in runs))
                 mlflow.log_metric(f"{key}.entanglement_{n}", statistics.mean(r[n]["entanglement"] for r in runs))
-                for extra in ("placed", "routing"):
-                    if all(extra in r[n] for r in runs):
+                for extra in ("placed", "routing", "entanglement_chance", "swap_follows", "swap_drifts", "twin_present"):
+                    if all(r[n].get(extra) is not None for r in runs):
                         mlflow.log_metric(f"{key}.{extra}_{n}", statistics.mean(r[n][extra] for r in runs))
         for k, v in (copy or {}).items():
             if k != "pairs" and v is not None:  # None: no left panel was right
