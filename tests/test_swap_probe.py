@@ -96,5 +96,6 @@ def test_evaluate_swaps_the_last_reference_under_the_same_noise(leaky):
     assert table[2]["twin_present"] == 1.0 and table[2]["swap_drifts"] == 0.0
     assert table[2]["swap_follows"] == (1.0 if leaky else 0.0)
     assert table[2]["entanglement"] == (0.5 if leaky else 0.0)  # the first of two subjects entangled
+    assert table[2]["fidelity_by_position"] == ([0.0, 1.0] if leaky else [1.0, 1.0])
     off, _ = evaluate(ScenePipe(leaky), cases, StudyConfig(eval_cases=3, eval_seeds=2, held_out=12, swap_probe=False))
     assert "swap_follows" not in off[2]

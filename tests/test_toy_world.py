@@ -212,6 +212,7 @@ def test_measure_correct_and_swapped_images():
                         "cases": 1, "subjects": 1}  # fmt: skip
     assert table[2]["fidelity"] == 3 / 8 and table[2]["entanglement"] == 3 / 8 and table[2]["all_present"] == 1 / 4
     assert table[2]["entanglement_chance"] is None  # one subject set: no unrelated partners to judge against
+    assert table[2]["fidelity_by_position"] == [2 / 4, 1 / 4]  # right twice, leaked once; the circle right once
     assert table[2]["cases"] == 4 and table[2]["subjects"] == 8
 
 

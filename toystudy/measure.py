@@ -134,7 +134,8 @@ def measure(image, subjects: Sequence[Subject], placements: Sequence[Placement] 
 def aggregate(cases: Iterable[Sequence[Outcome]]) -> dict[int, dict[str, float]]:
     """Per number of subjects: fidelity (mean present), entanglement (mean entangled) over subjects,
     its null (:func:`chance_entanglement`; None with a single subject set, 0 for single subjects), all_present
-    (share of cases with every subject present), and the case and subject counts."""
+    (share of cases with every subject present), fidelity by the subject's position in its case (its
+    reference's index; several subjects only), and the case and subject counts."""
     groups: dict[int, list[Sequence[Outcome]]] = {}
     for case in cases:
         if not case:
@@ -151,6 +152,9 @@ def aggregate(cases: Iterable[Sequence[Outcome]]) -> dict[int, dict[str, float]]
             "cases": len(groups[n]),
             "subjects": len(flat),
         }
+        if n > 1:  # the k-th requested subject (the k-th reference): is customisation even across them?
+            table[n]["fidelity_by_position"] = [sum(case[k].present for case in groups[n]) / len(groups[n])
+                                                for k in range(n)]  # fmt: skip
         if all(o.placed is not None for o in flat):
             table[n]["placed"] = sum(o.placed for o in flat) / len(flat)
     return table

@@ -483,17 +483,19 @@ def routing_markdown(results: dict[str, list[dict]]) -> str:
 
 def leak_markdown(results: dict[str, list[dict]]) -> str:
     """Rows: models; columns: entanglement beside its chance level (``measure.chance_entanglement``)
-    for 2/3 subjects, then the swap probe's follows / drifts / twin present (``toystudy.swap_probe``);
-    "-" where a model has no value (a single subject set, or no references to swap)."""
+    for 2/3 subjects, the swap probe's follows / drifts / twin present (``toystudy.swap_probe``; "-"
+    where a model has no value: a single subject set, or no references to swap), then 2-subject
+    fidelity of the first and the second subject (reference) apart, means over seeds."""
     keys = [(2, "entanglement"), (2, "entanglement_chance"), (3, "entanglement"), (3, "entanglement_chance"),
             (2, "swap_follows"), (2, "swap_drifts"), (2, "twin_present")]  # fmt: skip
-    lines = ["| model | ent 2 | chance 2 | ent 3 | chance 3 | follows 2 | drifts 2 | twin present 2 | seeds |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| model | ent 2 | chance 2 | ent 3 | chance 3 | follows 2 | drifts 2 | twin present 2 | "
+             "present 1st / 2nd (2) | seeds |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]  # fmt: skip
     for name, runs in results.items():
         cells = []
         for n, key in keys:
             values = [r[n].get(key) for r in runs]
             cells.append("-" if None in values else _cell(values))
+        cells.append(" / ".join(f"{statistics.mean(r[2]['fidelity_by_position'][k] for r in runs):.2f}" for k in (0, 1)))
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(runs)} |")
     return "\n".join(lines)
 
@@ -637,7 +639,8 @@ def run_study(cfg: StudyConfig) -> Path:
         "the same noise and the second reference swapped for a twin (same shape, a colour and pattern no "
         "subject has): *follows*, the first subject newly carries the twin's colour or pattern; *drifts*, "
         "newly carries the decoy's (another unused pair, which no reference had: the null for follows); "
-        "*twin present*, the second subject drawn as the twin.", "", leak_markdown(results), "",
+        "*twin present*, the second subject drawn as the twin. Last, 2-subject fidelity of the first and "
+        "the second subject apart.", "", leak_markdown(results), "",
         "![samples](samples.png)", "",
         "Figure: per row the references, then one sample per model (columns: " + ", ".join(samples) + ").", "",
         f"Timing (s): `{json.dumps(timing)}`", *([f"Notes: {cfg.notes}"] if cfg.notes else []), "",
