@@ -259,8 +259,8 @@ def evaluate(
                 twins = [replace(cases[i], subjects=(cases[i].subjects[0], twin)) for i, (twin, _) in zip(picked, pairs)]
                 after = [measure(image, c.subjects, c.placements) for c, image in zip(twins, generate(twins, picked, seed).images)]
                 swaps += [judge_swap(b, a, twin, decoy) for b, a, (twin, decoy) in zip(before, after, pairs)]
+            outcomes += before
             for b, (i, image) in enumerate(zip(picked, out.images)):
-                outcomes.append(before[b])
                 if seed == 0:
                     firsts[i] = image
                 if out.routing is not None:  # dynamic routing's choices (none recorded when it is off)
