@@ -134,9 +134,10 @@ def test_short_study_produces_the_table(tmp_path, ray_local, monkeypatch, capsys
     main, rest = text.split("\nPlaced: ")
     placed, routing = rest.split("\nRouting: ")
     routing, leaks = routing.split("\nLeaks: ")
+    leaks, split = leaks.split("\nEntanglement, split ")
     names = ["base (untrained)", "base, subjects described in words", "base + references, no MUSAR training",
              *DEFAULT_VARIANTS]
-    for table in (main, placed, leaks):  # fidelity/entanglement, placed, and leak tables: the same rows
+    for table in (main, placed, leaks, split):  # fidelity/entanglement, placed, leak and split tables: the same rows
         rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| model")]
         assert [r.split(" | ")[0][2:] for r in rows] == names
     routed = [line.split(" | ")[0][2:] for line in routing.splitlines() if line.startswith("| ") and "model" not in line]
@@ -148,6 +149,9 @@ def test_short_study_produces_the_table(tmp_path, ray_local, monkeypatch, capsys
         assert all(("swap_follows" in run["2"]) == swapped and "swap_follows" not in run["3"] for run in runs), name
         assert all(run["2"]["entanglement_chance"] is None for run in runs)  # one case per subject count
         assert all(0 <= run[n]["fidelity"] <= 1 and 0 <= run[n]["placed"] <= run[n]["fidelity"] for run in runs for n in run)
+        assert all(run[n]["entanglement_leak"] + run[n]["entanglement_misbound"] == pytest.approx(run[n]["entanglement"])
+                   for run in runs for n in ("2", "3"))  # fmt: skip
+        assert all("routing_drawn" not in run["2"] or "routing" in run["2"] for run in runs), name  # routed models only
     assert (report.parent / "samples.png").is_file()
     assert f"true CFG scale {cfg.true_cfg_scale}" in text and "routes from block 0" in text
     assert "seeds [0], 2 model(s) at a time on 1 thread(s) each" in text  # the defaults: two Ray tasks
@@ -160,7 +164,8 @@ def test_short_study_produces_the_table(tmp_path, ray_local, monkeypatch, capsys
                               filter_string="attributes.run_name = 'toy-study'")  # fmt: skip
     assert len(runs) == 1
     assert {"full.fidelity_2", "full.placed_2", "full.routing_3", "base.copy_prior_copied", "full.swap_follows_2",
-            "full.twin_present_2", "full.entanglement_chance_1"} <= set(runs[0].data.metrics)  # fmt: skip
+            "full.twin_present_2", "full.entanglement_chance_1", "full.entanglement_leak_2", "full.shapes_drawn_3",
+            "full.entanglement_misbound_3"} <= set(runs[0].data.metrics)  # fmt: skip
     assert "full.entanglement_chance_2" not in runs[0].data.metrics  # None: one case, no null
     assert "no_dynamic.routing_2" not in runs[0].data.metrics
     with pytest.raises(FileExistsError, match="overwrite=true"):

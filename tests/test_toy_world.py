@@ -14,7 +14,7 @@ from pipelines.panels import PanelGeometry, cut_panels
 from pipelines.samples import condition_prompts, diptych_prompt
 from pipelines.synthetic import SCHEMA
 from toystudy.detector import Detection, detect
-from toystudy.measure import aggregate, chance_entanglement, judge, match, measure
+from toystudy.measure import aggregate, chance_entanglement, drawn_routing, entanglement_kind, judge, match, measure
 from toystudy.subject200k import MANIFEST, ToyDataConfig, row_subjects, write_toy_subject200k
 from toystudy.world import (
     ALL_SUBJECTS,
@@ -256,6 +256,49 @@ def test_chance_entanglement_judges_each_subject_against_other_cases_partners():
     assert chance_entanglement([first, again, second]) == (0 + 0 + 0 + 0 + 2 * 1 + 0) / (4 + 2 * 2)
     table = aggregate([first, second])
     assert table[2]["entanglement"] == 1 / 2 and table[2]["entanglement_chance"] == 1 / 4
+
+
+def test_entanglement_splits_into_leaks_and_misbound_subjects():
+    t, c = Subject("triangle", "red", "striped"), Subject("circle", "blue", "dotted")
+    q = Subject("square", "green", "solid")
+    # Both drawn, the triangle in the circle's blue: a leak (two subjects, features mixed).
+    leak = judge([t, c], [det("triangle", "blue", "striped"), det("circle", "blue", "dotted")])
+    # The circle's whole look on a triangle, no circle anywhere: misbound (perhaps the circle, wrong shape).
+    misbound = judge([t, c], [det("triangle", "blue", "dotted")])
+    # The square is drawn, but the source of the triangle's blue (the circle) is not: still misbound.
+    three = judge([t, c, q], [det("triangle", "blue", "striped"), det("square", "green", "solid")])
+    assert [entanglement_kind(leak, k) for k in (0, 1)] == ["leak", None]
+    assert [entanglement_kind(misbound, k) for k in (0, 1)] == ["misbound", None]
+    assert [entanglement_kind(three, k) for k in (0, 1, 2)] == ["misbound", None, None]
+    # Two sources (the circle's blue, the square's solid), one of them drawn: a leak.
+    two = judge([t, c, q], [det("triangle", "blue", "solid"), det("square", "green", "solid")])
+    assert entanglement_kind(two, 0) == "leak"
+    table = aggregate([leak, misbound, judge([t, c], [det("triangle", "red", "striped"), det("circle", "blue", "dotted")])])
+    assert table[2]["entanglement_leak"] == 1 / 6 and table[2]["entanglement_misbound"] == 1 / 6
+    assert table[2]["entanglement_leak"] + table[2]["entanglement_misbound"] == pytest.approx(table[2]["entanglement"])
+    assert table[2]["shapes_drawn"] == 2 / 3  # the misbound case lacks its circle
+    assert aggregate([three])[3]["shapes_drawn"] == 0.0 and "shapes_drawn" not in aggregate([[leak[0]]])[1]
+
+
+def test_drawn_routing_reads_routes_inside_the_matched_objects():
+    t, c = Subject("triangle", "red", "striped"), Subject("circle", "blue", "dotted")
+    top_left = Detection("triangle", "blue", "dotted", (0, 0, 32, 32), 400, 0.9)  # 2 x 2 tokens of a 4 x 4 grid
+    right = Detection("circle", "blue", "dotted", (32, 0, 64, 64), 800, 0.9)  # 2 x 4 tokens
+    cols = np.tile(np.arange(4), 4)
+    to_circle = np.ones(16, int)
+    # Misbound: the circle's look on a triangle, no circle drawn; every token routed to the circle's reference.
+    misbound = judge([t, c], [top_left])
+    assert drawn_routing([to_circle, to_circle], misbound, (4, 4), (64, 64)) == {"drawn": (0, 8), "misbound": (8, 8)}
+    # Both drawn (a leak, not misbound), routed by column: the triangle's tokens to it, the circle's to it.
+    leak = judge([t, c], [top_left, right])
+    assert drawn_routing([(cols >= 2).astype(int)], leak, (4, 4), (64, 64)) == {"drawn": (12, 12), "misbound": (0, 0)}
+    assert drawn_routing([to_circle], judge([t, c], []), (4, 4), (64, 64)) == {"drawn": (0, 0), "misbound": (0, 0)}
+    # A wide frame (w 64, h 32) on a 2 x 4 grid: x scales with the width, y with the height.
+    corner = Detection("triangle", "blue", "dotted", (48, 0, 64, 32), 200, 0.9)  # the last column, both rows
+    assert drawn_routing([np.ones(8, int)], judge([t, c], [corner]), (2, 4), (64, 32)) == {"drawn": (0, 2), "misbound": (2, 2)}
+    # Overlapping boxes: tokens inside both belong to neither.
+    overlap = judge([t, c], [top_left, Detection("circle", "blue", "dotted", (16, 0, 64, 32), 600, 0.9)])
+    assert drawn_routing([to_circle], overlap, (4, 4), (64, 64)) == {"drawn": (4, 6), "misbound": (0, 0)}
 
 
 def test_matching_is_one_to_one_within_shape():

@@ -19,11 +19,18 @@ matched one-to-one to the requested subjects:
   fidelity (the issue's measure); it tells a model that follows the prompt's layout from one that
   pastes its reference wherever the reference had it.
 
+* **leak / misbound** (:func:`entanglement_kind`): an entangled subject whose source partner (the
+  one whose colour or pattern it carries) is drawn too, by its own shape, is a *leak*: two subjects,
+  features mixed, the paper's entanglement. When no source partner is drawn, it is *misbound*: the
+  partner's appearance on this subject's shape, the partner's own shape absent (the partner drawn
+  with the wrong shape, or the two merged into one object). Both count as entanglement.
+
 Unmatched detections (extra or duplicated objects) count for neither. :func:`aggregate` averages
 ``present`` (fidelity) and ``entangled`` (entanglement) over every requested subject, separately
 for 1-, 2- and 3-subject cases; entanglement is 0 by definition for single subjects; ``placed`` is
 averaged the same way when every outcome has it; ``entanglement_chance`` is entanglement's null
-(:func:`chance_entanglement`: the same outcomes judged against unrelated partners).
+(:func:`chance_entanglement`: the same outcomes judged against unrelated partners). Entanglement is
+also split into leaks and misbound subjects, beside the share of cases with every requested shape drawn.
 """
 
 from __future__ import annotations
@@ -90,6 +97,18 @@ def entangled_with(subject: Subject, det: Detection | None, others: Iterable[Sub
                for o in others)  # fmt: skip
 
 
+def entanglement_kind(case: Sequence[Outcome], k: int) -> str | None:
+    """Why ``case[k]`` is entangled: "leak" when a partner whose colour or pattern it carries is drawn
+    too (matched to a detection of its own shape), "misbound" when none of them is; None when it is not
+    entangled. A misbound object may be the partner itself, drawn from its reference but with the wrong
+    shape (README): the measure cannot tell which subject an object was meant to be."""
+    o = case[k]
+    if not o.entangled:
+        return None
+    sources = [p for j, p in enumerate(case) if j != k and entangled_with(o.subject, o.detection, [p.subject])]
+    return "leak" if any(p.detection is not None for p in sources) else "misbound"
+
+
 def chance_entanglement(cases: Sequence[Sequence[Outcome]]) -> float | None:
     """Entanglement's null: each subject judged against the subjects of *other* cases of the same size.
 
@@ -134,8 +153,10 @@ def measure(image, subjects: Sequence[Subject], placements: Sequence[Placement] 
 def aggregate(cases: Iterable[Sequence[Outcome]]) -> dict[int, dict[str, float]]:
     """Per number of subjects: fidelity (mean present), entanglement (mean entangled) over subjects,
     its null (:func:`chance_entanglement`; None with a single subject set, 0 for single subjects), all_present
-    (share of cases with every subject present), fidelity by the subject's position in its case (its
-    reference's index; several subjects only), and the case and subject counts."""
+    (share of cases with every subject present), and the case and subject counts; with several subjects
+    also fidelity by the subject's position in its case (its reference's index), entanglement split into
+    ``entanglement_leak`` and ``entanglement_misbound`` (:func:`entanglement_kind`; they sum to it), and
+    ``shapes_drawn`` (share of cases with every requested subject's shape matched, whatever its look)."""
     groups: dict[int, list[Sequence[Outcome]]] = {}
     for case in cases:
         if not case:
@@ -155,6 +176,10 @@ def aggregate(cases: Iterable[Sequence[Outcome]]) -> dict[int, dict[str, float]]
         if n > 1:  # the k-th requested subject (the k-th reference): is customisation even across them?
             table[n]["fidelity_by_position"] = [sum(case[k].present for case in groups[n]) / len(groups[n])
                                                 for k in range(n)]  # fmt: skip
+            kinds = [entanglement_kind(case, k) for case in groups[n] for k in range(n)]
+            table[n]["entanglement_leak"] = kinds.count("leak") / len(flat)
+            table[n]["entanglement_misbound"] = kinds.count("misbound") / len(flat)  # leak + misbound = entanglement
+            table[n]["shapes_drawn"] = sum(all(o.detection is not None for o in case) for case in groups[n]) / len(groups[n])
         if all(o.placed is not None for o in flat):
             table[n]["placed"] = sum(o.placed for o in flat) / len(flat)
     return table
@@ -178,3 +203,34 @@ def routing_hits(routes: Iterable, placements: Sequence[Placement], grid: tuple[
         hits += int((r[counted] == owner[counted]).sum())
         total += int(counted.sum())
     return hits, total
+
+
+def drawn_routing(routes: Iterable, outcomes: Sequence[Outcome], grid: tuple[int, int],
+                  size: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """Dynamic routing judged against what was drawn (not the prompt's layout), for one generated image.
+
+    A target token counts for a subject when its centre lies inside exactly one matched detection's box.
+    ``"drawn"``: (tokens routed to the subject's own reference, counted tokens) over every matched
+    subject; ``"misbound"``: (tokens routed to a source partner's reference, counted tokens) over the
+    misbound subjects (:func:`entanglement_kind`): whether the partner's reference painted them."""
+    rows, cols = grid
+    (w, h) = size
+    ys, xs = np.meshgrid((np.arange(rows) + 0.5) / rows * h, (np.arange(cols) + 0.5) / cols * w, indexing="ij")
+    boxes = [o.detection.bbox if o.detection is not None else None for o in outcomes]
+    inside = np.stack([np.zeros_like(xs, bool) if b is None else (xs >= b[0]) & (xs < b[2]) & (ys >= b[1]) & (ys < b[3])
+                       for b in boxes])  # fmt: skip
+    owner = np.where(inside.sum(0) == 1, inside.argmax(0), -1).reshape(-1)
+    sources = [[j for j, p in enumerate(outcomes) if j != k and entangled_with(o.subject, o.detection, [p.subject])]
+               if entanglement_kind(outcomes, k) == "misbound" else [] for k, o in enumerate(outcomes)]  # fmt: skip
+    counts = {"drawn": [0, 0], "misbound": [0, 0]}
+    for r in routes:
+        r = np.asarray(r).reshape(-1)
+        for k in range(len(outcomes)):
+            mine = r[owner == k]
+            if boxes[k] is not None:
+                counts["drawn"][0] += int((mine == k).sum())
+                counts["drawn"][1] += mine.size
+            if sources[k]:
+                counts["misbound"][0] += int(np.isin(mine, sources[k]).sum())
+                counts["misbound"][1] += mine.size
+    return {k: (hits, total) for k, (hits, total) in counts.items()}

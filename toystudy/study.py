@@ -23,7 +23,9 @@ One command (``musar toy study``) runs, on top of a toy base model (``musar toy 
 4. a table (fidelity and entanglement per subject count, mean and spread over training seeds), a
    second one of subjects present at the place the prompt asked (``toystudy.measure``'s ``placed``),
    a third of how often dynamic routing sent a subject's region to its reference
-   (``toystudy.measure.routing_hits``), and a sample figure (Figure 8's layout), in ``report.md``
+   (``toystudy.measure.routing_hits``), a fourth of where entanglement comes from (its chance level,
+   the swap probe, fidelity by position), a fifth splitting it into leaks and misbound subjects
+   (``toystudy.measure.entanglement_kind``), and a sample figure (Figure 8's layout), in ``report.md``
    and one MLflow run.
 
 Its defaults are not the paper's setup but what made the toy customise at all (README): references
@@ -234,7 +236,7 @@ def evaluate(
     its last reference swapped for a twin (``toystudy.swap_probe``), judged into the 2-subject row."""
     import torch
 
-    from .measure import aggregate, measure, routing_hits
+    from .measure import aggregate, drawn_routing, measure, routing_hits
     from .swap_probe import aggregate_swaps, judge_swap, twin_and_decoy
 
     def generate(batch: list[Case], noise: list[int], seed: int, routes: bool = False):
@@ -265,14 +267,17 @@ def evaluate(
                     firsts[i] = image
                 if out.routing is not None:  # dynamic routing's choices (none recorded when it is off)
                     routes = [r[b] for step in out.routing.routes for r in step.values()]
-                    hits, total = routing_hits(routes, cases[i].placements, out.routing.grid)
-                    routing[n] = [x + y for x, y in zip(routing.get(n, (0, 0)), (hits, total))]
+                    counts = {"routing": routing_hits(routes, cases[i].placements, out.routing.grid)}
+                    drawn = drawn_routing(routes, before[b], out.routing.grid, image.size)
+                    counts.update(routing_drawn=drawn["drawn"], routing_misbound=drawn["misbound"])
+                    for key, (hits, total) in counts.items():
+                        routing[n, key] = [x + y for x, y in zip(routing.get((n, key), (0, 0)), (hits, total))]
     table = aggregate(outcomes)
     if swaps:
         table[2].update(aggregate_swaps(swaps))
-    for n, (hits, total) in routing.items():
+    for (n, key), (hits, total) in routing.items():
         if total:
-            table[n]["routing"] = hits / total
+            table[n][key] = hits / total
     return table, firsts
 
 
@@ -472,12 +477,19 @@ def placed_markdown(results: dict[str, list[dict]]) -> str:
 
 
 def routing_markdown(results: dict[str, list[dict]]) -> str:
-    """Rows: models that route; columns: routing accuracy for 2/3 subjects (``measure.routing_hits``)."""
-    lines = ["| model | routing 2 | routing 3 | seeds |", "|---|---:|---:|---:|"]
+    """Rows: models that route; columns for 2/3 subjects: routing accuracy on the prompt's layout
+    (``measure.routing_hits``), on the drawn objects, and the share of misbound objects' tokens routed
+    to their source partner (``measure.drawn_routing``; "-" where a seed had none)."""
+    lines = ["| model | routing 2 | routing 3 | on drawn 2 | on drawn 3 | misbound to partner 2 | "
+             "misbound to partner 3 | seeds |", "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, runs in results.items():
         if all("routing" in r[n] for r in runs for n in (2, 3)):
-            lines.append(f"| {name} | " + " | ".join(_cell([r[n]["routing"] for r in runs]) for n in (2, 3))
-                         + f" | {len(runs)} |")  # fmt: skip
+            cells = []
+            for key in ("routing", "routing_drawn", "routing_misbound"):
+                for n in (2, 3):
+                    values = [r[n].get(key) for r in runs]
+                    cells.append("-" if None in values else _cell(values))
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(runs)} |")
     return "\n".join(lines)
 
 
@@ -496,6 +508,19 @@ def leak_markdown(results: dict[str, list[dict]]) -> str:
             values = [r[n].get(key) for r in runs]
             cells.append("-" if None in values else _cell(values))
         cells.append(" / ".join(f"{statistics.mean(r[2]['fidelity_by_position'][k] for r in runs):.2f}" for k in (0, 1)))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(runs)} |")
+    return "\n".join(lines)
+
+
+def split_markdown(results: dict[str, list[dict]]) -> str:
+    """Rows: models; columns per 2/3 subjects: entanglement, its leaks and misbound subjects
+    (``measure.entanglement_kind``; they sum to it), and the share of cases with every requested
+    shape drawn (with 2 subjects only those cases can hold a leak). Mean ± sd over seeds."""
+    keys = ("entanglement", "entanglement_leak", "entanglement_misbound", "shapes_drawn")
+    lines = ["| model | ent 2 | leak 2 | misbound 2 | all shapes drawn 2 | ent 3 | leak 3 | misbound 3 | "
+             "all shapes drawn 3 | seeds |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, runs in results.items():
+        cells = [_cell([r[n][key] for r in runs]) for n in (2, 3) for key in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(runs)} |")
     return "\n".join(lines)
 
@@ -632,7 +657,10 @@ def run_study(cfg: StudyConfig) -> Path:
         "but rarely this.", "", placed_markdown(results), "",
         "Routing: of the target tokens inside one requested subject's box (the prompt's placement), the share "
         "that dynamic routing sent to that subject's reference, over every denoising step and block (chance: "
-        "1/2 and 1/3). Models without dynamic routing have no row.", "", routing_markdown(results), "",
+        "1/2 and 1/3). *On drawn*: the same inside the box of the object the measure matched to each subject "
+        "(what was drawn, wherever it was). *Misbound to partner*: of the tokens of misbound objects (see the "
+        "split below), the share routed to the partner whose look they carry. Models without dynamic routing "
+        "have no row.", "", routing_markdown(results), "",
         "Leaks: entanglement beside its chance level, the same outcomes judged against the subjects of "
         "other cases as partners (`measure.chance_entanglement`): entanglement above it is what the requested "
         "partners caused. Then the swap probe (`toystudy.swap_probe`), 2-subject cases generated again with "
@@ -641,6 +669,12 @@ def run_study(cfg: StudyConfig) -> Path:
         "newly carries the decoy's (another unused pair, which no reference had: the null for follows); "
         "*twin present*, the second subject drawn as the twin. Last, 2-subject fidelity of the first and "
         "the second subject apart.", "", leak_markdown(results), "",
+        "Entanglement, split (`measure.entanglement_kind`): a *leak* is an entangled subject whose source "
+        "partner (the one whose colour or pattern it carries) is drawn too, by its own shape: two subjects, "
+        "features mixed. *Misbound*: no source partner is drawn, so the object with this subject's shape and "
+        "the partner's look may be the partner drawn with the wrong shape. Leak and misbound sum to "
+        "entanglement; *all shapes drawn* is the share of cases with every requested shape found.", "",
+        split_markdown(results), "",
         "![samples](samples.png)", "",
         "Figure: per row the references, then one sample per model (columns: " + ", ".join(samples) + ").", "",
         f"Timing (s): `{json.dumps(timing)}`", *([f"Notes: {cfg.notes}"] if cfg.notes else []), "",
@@ -659,7 +693,9 @@ def run_study(cfg: StudyConfig) -> Path:
             for n in (1, 2, 3):
                 mlflow.log_metric(f"{key}.fidelity_{n}", statistics.mean(r[n]["fidelity"] for r in runs))
                 mlflow.log_metric(f"{key}.entanglement_{n}", statistics.mean(r[n]["entanglement"] for r in runs))
-                for extra in ("placed", "routing", "entanglement_chance", "swap_follows", "swap_drifts", "twin_present"):
+                for extra in ("placed", "routing", "entanglement_chance", "swap_follows", "swap_drifts", "twin_present",
+                              "entanglement_leak", "entanglement_misbound", "shapes_drawn", "routing_drawn",
+                              "routing_misbound"):  # fmt: skip
                     if all(r[n].get(extra) is not None for r in runs):
                         mlflow.log_metric(f"{key}.{extra}_{n}", statistics.mean(r[n][extra] for r in runs))
         for k, v in (copy or {}).items():
