@@ -455,6 +455,11 @@ def _cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def _cell_or_dash(values: list) -> str:
+    """:func:`_cell`, or "-" where a seed has no value (None)."""
+    return "-" if None in values else _cell(values)
+
+
 def table_markdown(results: dict[str, list[dict]]) -> str:
     """Rows: variants; columns: fidelity for 1/2/3 subjects, entanglement for 2/3 (mean ± sd over seeds)."""
     head = "| model | fidelity 1 | fidelity 2 | fidelity 3 | entanglement 2 | entanglement 3 | seeds |"
@@ -484,11 +489,8 @@ def routing_markdown(results: dict[str, list[dict]]) -> str:
              "misbound to partner 3 | seeds |", "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, runs in results.items():
         if all("routing" in r[n] for r in runs for n in (2, 3)):
-            cells = []
-            for key in ("routing", "routing_drawn", "routing_misbound"):
-                for n in (2, 3):
-                    values = [r[n].get(key) for r in runs]
-                    cells.append("-" if None in values else _cell(values))
+            cells = [_cell_or_dash([r[n].get(key) for r in runs])
+                     for key in ("routing", "routing_drawn", "routing_misbound") for n in (2, 3)]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(runs)} |")
     return "\n".join(lines)
 
@@ -503,10 +505,7 @@ def leak_markdown(results: dict[str, list[dict]]) -> str:
     lines = ["| model | ent 2 | chance 2 | ent 3 | chance 3 | follows 2 | drifts 2 | twin present 2 | "
              "present 1st / 2nd (2) | seeds |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]  # fmt: skip
     for name, runs in results.items():
-        cells = []
-        for n, key in keys:
-            values = [r[n].get(key) for r in runs]
-            cells.append("-" if None in values else _cell(values))
+        cells = [_cell_or_dash([r[n].get(key) for r in runs]) for n, key in keys]
         cells.append(" / ".join(f"{statistics.mean(r[2]['fidelity_by_position'][k] for r in runs):.2f}" for k in (0, 1)))
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(runs)} |")
     return "\n".join(lines)
